@@ -1,0 +1,1 @@
+"""cart-hil pytest plugin (placeholder until the plugin lands)."""
