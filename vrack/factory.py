@@ -1,0 +1,165 @@
+"""The factory: firmware images, trust-store blobs and provisioned flash files.
+
+    build_image(version, *, faults=None, size=196608) -> bytes     a reference firmware image
+    trust_blob(cas) -> bytes                                       a trust-store blob
+    provision_flash(path, cart_cfg, image, trust) -> Path          a new flash file, as shipped
+    write_factory(out_dir, versions, carts) -> dict                fw-<version>.img, trust-<cart>.bin
+
+    python -m vrack.factory OUT_DIR --version 1.4.2 [--version ...] --cart configs/carts/x.yaml ...
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import sys
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+from vrack.cartconfig import CartConfig, as_cart_config
+from vrack.flash import Bcb, BootControl, Flash, encode_trust
+from vrack.image import build_image as assemble_image
+from vrack.image import canonical_json, check_image
+
+FIRMWARE_SOURCE = Path(__file__).with_name("firmware") / "reference.py"
+FAMILY = "reference"
+DEFAULT_PAYLOAD_SIZE = 192 * 1024
+CONSTANTS_BEGIN = "# --- build constants: replaced by vrack.factory.build_image ---\n"
+CONSTANTS_END = "# --- end build constants ---\n"
+KNOWN_FAULTS: dict[str, type] = {  # what the reference firmware's fault builds understand
+    "crash_at_boot": bool,
+    "crash_on_sensor": str,
+    "never_mark_good": bool,
+    "self_test_fail": bool,
+}
+
+
+_FLAG_WORDS = {"1": True, "true": True, "yes": True, "on": True, "0": False, "false": False, "no": False,
+               "off": False}
+
+
+def _check_faults(faults: Mapping[str, Any] | None) -> dict[str, Any]:
+    """Validate a fault set; flag faults also take "1"/"true"/"yes"/"on" (and the negatives)
+    as given on a command line. Faults that are off are dropped."""
+    checked: dict[str, Any] = {}
+    for key, value in (faults or {}).items():
+        if key not in KNOWN_FAULTS:
+            raise ValueError(f"unknown fault {key!r}; known: {', '.join(sorted(KNOWN_FAULTS))}")
+        kind = KNOWN_FAULTS[key]
+        if kind is bool and isinstance(value, str) and value.lower() in _FLAG_WORDS:
+            value = _FLAG_WORDS[value.lower()]
+        if not isinstance(value, kind) or (kind is str and not value):
+            raise ValueError(f"fault {key!r} wants a {kind.__name__}, got {value!r}")
+        if value is not False:
+            checked[key] = value
+    return checked
+
+
+def build_id(version: str, faults: Mapping[str, Any]) -> str:
+    return hashlib.sha256(canonical_json({"family": FAMILY, "version": version, "faults": faults})).hexdigest()[:16]
+
+
+def firmware_payload(version: str, *, faults: Mapping[str, Any] | None = None,
+                     size: int = DEFAULT_PAYLOAD_SIZE) -> bytes:
+    """The reference firmware source with the build constants injected, padded to `size` bytes."""
+    faults = _check_faults(faults)
+    source = FIRMWARE_SOURCE.read_text(encoding="utf-8")
+    begin, end = source.find(CONSTANTS_BEGIN), source.find(CONSTANTS_END)
+    if begin < 0 or end < begin or source.count(CONSTANTS_BEGIN) != 1:
+        raise RuntimeError(f"{FIRMWARE_SOURCE}: build-constants block not found")
+    constants = (
+        f"{CONSTANTS_BEGIN}FW_VERSION = {version!r}\nFW_FAMILY = {FAMILY!r}\n"
+        f"FAULTS = {faults!r}\nBUILD_ID = {build_id(version, faults)!r}\n{CONSTANTS_END}"
+    )
+    body = (source[:begin] + constants + source[end + len(CONSTANTS_END):]).encode("utf-8")
+    if not body.endswith(b"\n"):
+        body += b"\n"
+    if len(body) > size:
+        raise ValueError(f"firmware source is {len(body)} bytes, more than the payload size {size}")
+    return body + _filler(size - len(body), version)
+
+
+def _filler(n: int, seed: str) -> bytes:
+    """n bytes of comment lines, deterministic for a seed, ending in a newline."""
+    out = bytearray()
+    i = 0
+    while len(out) < n:
+        out += f"# pad {i:06d} {hashlib.sha256(f'{seed}:{i}'.encode()).hexdigest()}\n".encode()
+        i += 1
+    del out[n:]
+    if n:
+        out[-1:] = b"\n"
+    return bytes(out)
+
+
+def build_image(version: str, *, faults: Mapping[str, Any] | None = None,
+                size: int = DEFAULT_PAYLOAD_SIZE) -> bytes:
+    """A reference firmware image at `version`; `faults` makes a fault build; `size` is the payload size."""
+    faults = _check_faults(faults)
+    info = {"family": FAMILY, "version": version, "faults": faults, "build_id": build_id(version, faults)}
+    return assemble_image(firmware_payload(version, faults=faults, size=size), version, build_info=info)
+
+
+def trust_blob(cas: Iterable[Mapping[str, str]]) -> bytes:
+    """A trust-store blob of CA entries {"name", "pem"}."""
+    return encode_trust([dict(ca) for ca in cas])
+
+
+def provision_flash(path: str | Path, cart_cfg: CartConfig | Mapping[str, Any] | str | Path, image: bytes,
+                    trust: bytes) -> Path:
+    """Create the cart's flash file as it leaves the factory: erased, `image` in slot A, the
+    BCB saying active A confirmed, `trust` in the trust store. No page timing."""
+    cfg = as_cart_config(cart_cfg)
+    path = Path(path)
+    if len(image) > cfg.flash.slot_size:
+        raise ValueError(f"{cfg.id}: image of {len(image)} bytes exceeds slot_size {cfg.flash.slot_size}")
+    _, reason = check_image(image)
+    if reason:
+        raise ValueError(f"{cfg.id}: factory image is not bootable: {reason}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Flash.create(path, cfg.flash)
+    with Flash(path, cfg.flash, time_scale=0) as flash:
+        layout = flash.layout
+        if len(trust) > layout.trust_size:
+            raise ValueError(f"{cfg.id}: trust blob of {len(trust)} bytes exceeds the {layout.trust_size}-byte store")
+        flash.write_pages(layout.slot_first_page("A"), image)
+        flash.write_pages(layout.trust_first_page, trust)
+        BootControl(flash).write(Bcb(active="A", confirmed=True))
+    return path
+
+
+def write_factory(out_dir: str | Path, versions: Iterable[str],
+                  carts: Iterable[CartConfig | Mapping[str, Any] | str | Path]) -> dict[str, dict[str, Path]]:
+    """Write fw-<version>.img for each version and trust-<cart id>.bin for each cart (its
+    provisioned_cas, with empty PEMs until the PKI issue fills them)."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    written: dict[str, dict[str, Path]] = {"images": {}, "trust": {}}
+    for version in versions:
+        target = out / f"fw-{version}.img"
+        target.write_bytes(build_image(version))
+        written["images"][version] = target
+    for cart in carts:
+        cfg = as_cart_config(cart)
+        target = out / f"trust-{cfg.id}.bin"
+        target.write_bytes(trust_blob({"name": name, "pem": ""} for name in cfg.provisioned_cas))
+        written["trust"][cfg.id] = target
+    return written
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m vrack.factory", description="Write factory artifacts.")
+    p.add_argument("out_dir")
+    p.add_argument("--version", action="append", default=[], help="firmware version (repeatable)")
+    p.add_argument("--cart", action="append", default=[], help="cart config YAML (repeatable)")
+    args = p.parse_args(argv)
+    written = write_factory(args.out_dir, args.version, args.cart)
+    for kind in written.values():
+        for path in kind.values():
+            print(path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
