@@ -1,0 +1,313 @@
+"""The harness power drivers against the virtual rack's emulated supplies, over real TCP."""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import re
+import socket
+import statistics
+import threading
+import time
+
+import pytest
+
+from harness.power import DIALECTS, ChannelPower, ScpiSupply, SupplyError, open_supply
+from vrack.psu import EmulatedSupply
+
+MODELS = {
+    "keysight-e36312a": "E36312A",
+    "rigol-dp800": "DP832",
+    "rs-ngx": "NGE103B",
+    "rs-hmc": "HMC8043",
+    "siglent-spd": "SPD3303X",
+    "aimtti": "QL355TP",
+}
+MANUFACTURERS = {
+    "keysight-e36312a": "Keysight Technologies",
+    "rigol-dp800": "RIGOL TECHNOLOGIES",
+    "rs-ngx": "Rohde&Schwarz",
+    "rs-hmc": "Rohde&Schwarz",
+    "siglent-spd": "Siglent Technologies",
+    "aimtti": "THURLBY THANDAR",
+}
+DRAW = {1: 0.21, 2: 0.42, 3: 0.05}
+
+
+@pytest.fixture(autouse=True)
+def lock_dir(tmp_path, monkeypatch):
+    path = tmp_path / "locks"
+    monkeypatch.setenv("CART_HIL_LOCK_DIR", str(path))
+    return path
+
+
+class Rack:
+    """Emulated supplies and drivers made by a test, all stopped and closed at teardown."""
+
+    def __init__(self):
+        self.emulators: list[EmulatedSupply] = []
+        self.supplies: list[ScpiSupply] = []
+        self.events: list[tuple[int, bool]] = []
+
+    def emulator(self, dialect: str, channels: int = 3, port: int = 0) -> EmulatedSupply:
+        emu = EmulatedSupply(f"psu-{dialect}", dialect, MODELS[dialect], channels, port,
+                             on_output=lambda ch, on: self.events.append((ch, on)), draw=DRAW.__getitem__)
+        emu.start()
+        self.emulators.append(emu)
+        return emu
+
+    def supply(self, emu: EmulatedSupply, timeout_ms: int = 1000) -> ScpiSupply:
+        supply = open_supply(emu.name, emu.resource, emu.dialect, emu._n, timeout_ms=timeout_ms)
+        self.supplies.append(supply)
+        return supply
+
+    def close(self) -> None:
+        for supply in self.supplies:
+            supply.close()
+        for emu in self.emulators:
+            emu.stop()
+
+
+@pytest.fixture
+def rack():
+    r = Rack()
+    yield r
+    r.close()
+
+
+def ask(emu: EmulatedSupply, *lines: str, pause: float = 0.0) -> list[str]:
+    """Talk to an emulator over a raw socket; one reply line per query. Ends with *OPC? so
+    that every line has been executed when it returns."""
+    with socket.create_connection(("127.0.0.1", emu.port), timeout=2) as s:
+        reader = s.makefile("r", newline="\n")
+        replies = []
+        for line in (*lines, "*OPC?"):
+            if pause:
+                time.sleep(pause)  # test-side pacing for the Siglent
+            s.sendall(line.encode() + b"\n")
+            if "?" in line.split(" ")[0]:
+                replies.append(reader.readline().rstrip("\n"))
+        assert replies.pop() == "1"
+        return replies
+
+
+# ----------------------------------------------------------------- every dialect
+@pytest.mark.parametrize("dialect", sorted(DIALECTS))
+def test_driver_against_emulator(rack, dialect):
+    emu = rack.emulator(dialect)
+    supply = rack.supply(emu)
+    identity = supply.identify()
+    assert identity.model == MODELS[dialect]
+    assert identity.manufacturer == MANUFACTURERS[dialect]
+    assert identity.serial == "VRACK0001"
+
+    supply.set_voltage(2, 12.0)
+    supply.set_current_limit(2, 1.5)
+    assert supply.voltage_setpoint(2) == pytest.approx(12.0)
+    assert supply.current_limit_setpoint(2) == pytest.approx(1.5)
+    assert emu.channel(2) == {"voltage": 12.0, "current_limit": 1.5, "output": False}
+    assert supply.measure_current(2) <= 0.002 and supply.measure_voltage(2) <= 0.002
+
+    supply.on(2)
+    assert rack.events == [(2, True)]  # the cart started before on() returned
+    assert supply.is_on(2) and not supply.is_on(1)
+    assert supply.measure_voltage(2) == pytest.approx(12.0, abs=0.002)
+    assert supply.measure_current(2) == pytest.approx(DRAW[2], abs=0.002)
+
+    supply.set_current_limit(2, 0.3)  # the load wants 0.42 A: the supply limits it
+    assert supply.measure_current(2) == pytest.approx(0.3, abs=0.002)
+
+    supply.off(2)
+    assert rack.events == [(2, True), (2, False)]
+    assert not supply.is_on(2)
+    assert supply.measure_current(2) <= 0.002 and supply.measure_voltage(2) <= 0.002
+
+    supply.on(1)
+    supply.on(2)
+    supply.safe_state([1, 2])
+    assert rack.events[-2:] == [(1, False), (2, False)]
+    assert not emu.channel(1)["output"] and not emu.channel(2)["output"]
+    assert supply.errors() == []
+    assert emu.dropped == 0
+
+
+def test_channel_power_over_tcp(rack):
+    emu = rack.emulator("rs-ngx")
+    power = ChannelPower(rack.supply(emu), 3, max_voltage=13.2, current_limit=1.5, label="slot 5 cart-05")
+    power.set_voltage(12.0)
+    power.set_current_limit(1.5)
+    power.on()
+    assert power.is_on() and power.measure_current() == pytest.approx(DRAW[3], abs=0.002)
+    power.safe_state()
+    assert rack.events == [(3, True), (3, False)]
+
+
+# ----------------------------------------------------------------- emulator behaviour
+def test_emulator_errors_and_master_switch(rack):
+    emu = rack.emulator("rs-hmc")
+    assert ask(emu, "FOO:BAR 1", "SYST:ERR?", "SYST:ERR?") == ['-113,"Undefined header"', '0,"No error"']
+    ask(emu, "INST:NSEL 1", "OUTP:CHAN ON", "INST:NSEL 2", "OUTP:CHAN ON")
+    assert rack.events == []  # master still off: nothing powered
+    ask(emu, "OUTP:MAST ON")
+    assert sorted(rack.events) == [(1, True), (2, True)]
+    ask(emu, "OUTP:MAST OFF")
+    assert sorted(rack.events[2:]) == [(1, False), (2, False)]
+    ask(emu, "OUTP:MAST ON", "*RST")
+    assert rack.events[4:] == [(1, True), (2, True), (1, False), (2, False)]
+    assert not emu.channel(1)["output"]
+
+
+def test_emulator_aimtti_language(rack):
+    emu = rack.emulator("aimtti")
+    replies = ask(emu, "V1 12.5", "I1 0.5", "V1?", "I1?", "OP1 1", "OP1?", "V1O?", "I1O?", "OPALL 0", "OP1?")
+    assert replies[:3] == ["V1 12.500", "I1 0.500", "1"] and replies[-1] == "0"
+    assert re.fullmatch(r"12\.\d{3}V", replies[3]) and abs(float(replies[3][:-1]) - 12.5) <= 0.001
+    assert re.fullmatch(r"0\.\d{3}A", replies[4]) and abs(float(replies[4][:-1]) - 0.21) <= 0.001
+    assert ask(emu, "*IDN?") == ["THURLBY THANDAR, QL355TP, VRACK0001, 1.00-1.00"]
+    assert rack.events == [(1, True), (1, False)]
+
+
+def test_emulator_keysight_channel_lists(rack):
+    emu = rack.emulator("keysight-e36312a")
+    ask(emu, "VOLT 5,(@1:3)", "OUTP ON,(@1,3)")
+    assert [emu.channel(ch)["output"] for ch in (1, 2, 3)] == [True, False, True]
+    assert ask(emu, "OUTP? (@1:3)", "VOLT? (@2)") == ["1,0,1", "+5.00000000E+00"]
+
+
+def test_emulator_siglent_drops_unpaced_commands(rack):
+    emu = rack.emulator("siglent-spd")
+    with socket.create_connection(("127.0.0.1", emu.port), timeout=2) as s:
+        s.sendall(b"CH1:VOLT 5\nCH1:VOLT 6\n")  # back to back: the second is lost
+        time.sleep(0.03)
+        s.sendall(b"CH1:VOLT?\n")
+        assert s.makefile("r").readline().strip() == "5.000"
+    assert emu.dropped == 1
+    assert ask(emu, "SYST:ERR?", "SYST:ERR?", pause=0.03)[0].startswith("-363,")
+    assert ask(emu, "OUTP CH2,ON", "SYST:STAT?", pause=0.03) == ["0x0024"]
+
+
+# ----------------------------------------------------------------- pacing
+def test_siglent_driver_loses_nothing(rack):
+    emu = rack.emulator("siglent-spd")
+    supply = rack.supply(emu)
+    for i in range(8):
+        supply.set_voltage(1, 1.0 + i)
+        supply.on(1) if i % 2 == 0 else supply.off(1)
+    assert emu.dropped == 0
+    assert emu.channel(1)["voltage"] == 8.0 and not emu.channel(1)["output"]
+    assert supply.errors() == []
+
+
+def test_siglent_two_drivers_share_the_pace(rack):
+    emu = rack.emulator("siglent-spd")
+    a, b = rack.supply(emu), rack.supply(emu)
+    threads = [threading.Thread(target=lambda s=s, ch=ch: [s.set_voltage(ch, v) for v in (1.0, 2.0, 3.0, 4.0)])
+               for s, ch in ((a, 1), (b, 2))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert emu.dropped == 0
+    assert emu.channel(1)["voltage"] == 4.0 and emu.channel(2)["voltage"] == 4.0
+
+
+# ----------------------------------------------------------------- faults
+def test_hung_supply_gives_supply_error_in_bounded_time(rack):
+    emu = rack.emulator("keysight-e36312a")
+    supply = rack.supply(emu, timeout_ms=200)
+    supply.on(1)
+    emu.hang()
+    started = time.monotonic()
+    with pytest.raises(SupplyError) as err:
+        supply.measure_voltage(1)
+    elapsed = time.monotonic() - started
+    assert elapsed < 3.0
+    message = str(err.value)
+    for part in (emu.name, emu.resource, "MEAS:VOLT? (@1)", "3 attempt(s)", "200 ms", "VI_ERROR_TMO"):
+        assert part in message, part
+    emu.resume()
+    assert supply.is_on(1)
+
+
+def test_restarted_supply_is_reconnected(rack):
+    emu = rack.emulator("rigol-dp800")
+    supply = rack.supply(emu, timeout_ms=300)
+    supply.on(1)
+    emu.stop()
+    started = time.monotonic()
+    with pytest.raises(SupplyError) as err:
+        supply.is_on(1)
+    assert time.monotonic() - started < 2.0
+    assert emu.resource in str(err.value) and "refused" in str(err.value).lower()
+    emu.start()  # same port, same instrument: output still on
+    assert supply.is_on(1)
+    supply.off(1)
+    assert rack.events == [(1, True), (1, False)]
+
+
+def test_reconnects_while_the_supply_comes_back(rack):
+    emu = rack.emulator("aimtti")
+    supply = rack.supply(emu, timeout_ms=500)
+    supply.on(1)
+    emu.stop()
+    threading.Timer(0.02, emu.start).start()
+    supply.off(1)  # first attempt refused, a later one lands on the restarted server
+    assert rack.events == [(1, True), (1, False)]
+
+
+# ----------------------------------------------------------------- two processes, one supply
+def _hammer(resource: str, lock_dir: str, ch: int, base: float, rounds: int, results, start) -> None:
+    os.environ["CART_HIL_LOCK_DIR"] = lock_dir
+    supply = open_supply(f"worker-ch{ch}", resource, "rs-hmc", 3, timeout_ms=2000)
+    crossed = []
+    try:
+        supply.on(ch)
+        start.wait(timeout=20)  # both workers up (spawn is slow): hammer at the same time
+        for i in range(rounds):
+            volts = base + (i % 10) / 10
+            supply.set_voltage(ch, volts)
+            setpoint = supply.voltage_setpoint(ch)
+            measured = supply.measure_voltage(ch)
+            if abs(setpoint - volts) > 1e-6 or abs(measured - volts) > 0.002:
+                crossed.append((i, volts, setpoint, measured))
+        results.put((ch, crossed, None))
+    except Exception as exc:  # report, do not hang the parent
+        results.put((ch, crossed, repr(exc)))
+    finally:
+        supply.close()
+
+
+def test_two_processes_share_one_supply_without_crossing(rack, lock_dir):
+    emu = rack.emulator("rs-hmc")
+    ctx = multiprocessing.get_context("spawn")
+    results, start = ctx.Queue(), ctx.Barrier(2)
+    rounds = 150
+    workers = [ctx.Process(target=_hammer, args=(emu.resource, str(lock_dir), ch, base, rounds, results, start))
+               for ch, base in ((1, 3.0), (2, 9.0))]
+    for w in workers:
+        w.start()
+    outcome = {}
+    for _ in workers:
+        ch, crossed, error = results.get(timeout=30)
+        outcome[ch] = (crossed, error)
+    for w in workers:
+        w.join(timeout=10)
+    assert outcome == {1: ([], None), 2: ([], None)}
+    assert 3.0 <= emu.channel(1)["voltage"] < 4.0 and 9.0 <= emu.channel(2)["voltage"] < 10.0
+    # the two sessions really did interleave on the instrument
+    conns = [conn for conn, _ in emu.history]
+    switches = sum(1 for a, b in zip(conns, conns[1:], strict=False) if a != b)
+    assert switches >= 20
+
+
+# ----------------------------------------------------------------- latency
+def test_query_latency_well_under_a_millisecond(rack):
+    emu = rack.emulator("keysight-e36312a")
+    supply = rack.supply(emu)
+    supply.identify()
+    samples = []
+    for _ in range(300):
+        started = time.perf_counter()
+        supply.query("*IDN?")
+        samples.append(time.perf_counter() - started)
+    assert statistics.median(samples) < 0.001
