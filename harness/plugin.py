@@ -1,1 +1,272 @@
-"""cart-hil pytest plugin (placeholder until the plugin lands)."""
+"""The cart-hil pytest plugin (registered through the `pytest11` entry point).
+
+Options: ``--rig PATH`` (default: the virtual rig, whose rack the plugin starts and stops
+itself when none is up), ``--cart ID`` and ``--tag TAG`` to select carts.
+
+Fixtures: ``rig`` (the validated rig, rack up), ``bench`` (supplies and consoles held by this
+process), ``cart`` (one cart, parametrized over the selected slots; test ids are config ids).
+Each test gets its own console slice, attached to its report and its Allure result, and the
+cart is put in safe state (output off) after it. Under pytest-xdist every cart's tests go
+to one worker (``--dist loadgroup`` with one group per cart).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+from harness.config import ConfigError, Rig
+
+DEFAULT_RIG = "rigs/virtual.yaml"
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    g = parser.getgroup("cart-hil", "cart-hil hardware-in-the-loop")
+    g.addoption("--rig", default=None, help=f"rig file (default: {DEFAULT_RIG} under the rootdir)")
+    g.addoption("--cart", action="append", default=[], metavar="ID", help="run on this cart (repeatable)")
+    g.addoption("--tag", action="append", default=[], metavar="TAG", help="run on carts with this tag (repeatable)")
+    g.addoption("--hil-reports", default=None, metavar="DIR",
+                help="where runs write consoles and results (default: reports/ under the rootdir)")
+
+
+def _is_worker(config: pytest.Config) -> bool:
+    return hasattr(config, "workerinput")
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "xdist_group(name): keep tests of one cart on one worker")
+    root = Path(config.rootpath)
+    rig_opt = config.getoption("--rig")
+    rig_path = Path(rig_opt) if rig_opt else root / DEFAULT_RIG
+    if _is_worker(config):
+        wi = config.workerinput
+        run_id, run_dir = wi["hil_run_id"], Path(wi["hil_run_dir"])
+        owner = int(wi["hil_owner_pid"])
+        # a worker re-parses the command line and would not know the controller chose loadgroup
+        if wi.get("hil_loadgroup"):
+            config.option.loadgroup = True
+    else:
+        run_id = time.strftime("%Y%m%d-%H%M%S-") + uuid.uuid4().hex[:6]
+        reports = Path(config.getoption("--hil-reports") or root / "reports")
+        run_dir = reports / "runs" / run_id
+        owner = os.getpid()
+        # every slot's tests on one worker: group by cart
+        if getattr(config.option, "dist", "no") == "load":
+            config.option.dist = "loadgroup"
+    state = HilState(config, rig_path, run_id, run_dir, owner, explicit_rig=bool(rig_opt))
+    config.stash[STATE] = state
+    if not _is_worker(config):
+        config.pluginmanager.register(ResultWriter(state), "cart-hil-results")
+    if rig_opt:  # an explicitly named rig is validated before anything runs
+        try:
+            _ = state.rig
+        except ConfigError as exc:
+            raise pytest.UsageError(str(exc)) from None
+
+
+def pytest_configure_node(node) -> None:  # xdist hook, controller side
+    st: HilState = node.config.stash[STATE]
+    node.workerinput["hil_run_id"] = st.run_id
+    node.workerinput["hil_run_dir"] = str(st.run_dir)
+    node.workerinput["hil_owner_pid"] = str(st.owner_pid)
+    node.workerinput["hil_loadgroup"] = node.config.getoption("dist", "no") == "loadgroup"
+
+
+def pytest_xdist_make_scheduler(config, log):  # xdist hook, controller side
+    """Every cart's tests on one worker, in collection order: a cart is one bench, one console.
+
+    (xdist's own loadgroup keys on a nodeid suffix that pytest 9 no longer lets it add.)"""
+    if config.getoption("dist", "no") not in ("load", "loadgroup"):
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    st: HilState = config.stash[STATE]
+    try:
+        cart_ids = sorted((s.cart_id for s in st.rig.slots), key=len, reverse=True)
+    except ConfigError:
+        return None
+
+    class CartScheduling(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            params = nodeid[nodeid.find("[") + 1 : nodeid.rfind("]")] if "[" in nodeid else ""
+            for cid in cart_ids:
+                if params == cid or params.startswith(cid + "-") or params.endswith("-" + cid) \
+                        or f"-{cid}-" in params:
+                    return f"cart:{cid}"
+            return nodeid
+
+    return CartScheduling(config, log)
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    st: HilState | None = config.stash.get(STATE, None)
+    if st is not None and not _is_worker(config):
+        st.stop_rack_if_ours()
+
+
+class HilState:
+    def __init__(self, config, rig_path: Path, run_id: str, run_dir: Path, owner_pid: int, explicit_rig: bool):
+        self.config = config
+        self.rig_path = rig_path
+        self.run_id = run_id
+        self.run_dir = run_dir
+        self.owner_pid = owner_pid
+        self.explicit_rig = explicit_rig
+        self._rig: Rig | None = None
+
+    @property
+    def rig(self) -> Rig:
+        if self._rig is None:
+            self._rig = Rig.load(self.rig_path)
+        return self._rig
+
+    def selected(self):
+        return self.rig.select(self.config.getoption("--cart"), self.config.getoption("--tag"))
+
+    def ensure_rack(self) -> None:
+        """A virtual rig's rack is started once per run (by whichever process needs it first)."""
+        rig = self.rig
+        if not rig.is_virtual:
+            return
+        import fcntl
+
+        from harness.rackctl import rack_state, start_rack
+
+        rig.run_dir.mkdir(parents=True, exist_ok=True)
+        with open(rig.run_dir / ".rack.lock", "w") as lk:
+            fcntl.flock(lk, fcntl.LOCK_EX)
+            if rack_state(rig) is None:
+                pid = start_rack(rig, owner_pid=self.owner_pid)
+                (rig.run_dir / "rack.owner").write_text(json.dumps({"pid": pid, "run_id": self.run_id}))
+
+    def stop_rack_if_ours(self) -> None:
+        if self._rig is None and not self.explicit_rig:
+            try:
+                rig = Rig.load(self.rig_path)
+            except ConfigError:
+                return
+        else:
+            rig = self._rig or Rig.load(self.rig_path)
+        if not rig.is_virtual:
+            return
+        owner_file = rig.run_dir / "rack.owner"
+        try:
+            owner = json.loads(owner_file.read_text())
+        except (OSError, ValueError):
+            return
+        if owner.get("run_id") == self.run_id:
+            from harness.rackctl import stop_rack
+
+            stop_rack(int(owner["pid"]))
+            owner_file.unlink(missing_ok=True)
+
+
+STATE = pytest.StashKey[HilState]()
+
+
+# ------------------------------------------------------------------ parametrization
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if "cart" not in metafunc.fixturenames:
+        return
+    st: HilState = metafunc.config.stash[STATE]
+    try:
+        slots = st.selected()
+    except ConfigError as exc:
+        raise pytest.UsageError(str(exc)) from None
+    # one xdist group per cart: under loadgroup all of a cart's tests run on one worker, in order
+    params = [pytest.param(s.cart_id, id=s.cart_id, marks=pytest.mark.xdist_group(s.cart_id)) for s in slots]
+    metafunc.parametrize("cart", params, indirect=True)
+
+
+# ------------------------------------------------------------------ fixtures
+
+
+@pytest.fixture(scope="session")
+def rig(request: pytest.FixtureRequest) -> Rig:
+    st: HilState = request.config.stash[STATE]
+    try:
+        r = st.rig
+    except ConfigError as exc:
+        pytest.exit(str(exc), returncode=4)
+    st.ensure_rack()
+    r.preflight()
+    return r
+
+
+@pytest.fixture(scope="session")
+def bench(rig: Rig, request: pytest.FixtureRequest):
+    from harness.cart import Bench
+
+    st: HilState = request.config.stash[STATE]
+    b = Bench(rig, st.run_dir / "consoles")
+    yield b
+    b.close()
+
+
+@pytest.fixture
+def cart(request: pytest.FixtureRequest, bench):
+    """One cart of the rig, its console slice recorded for this test, safe state afterwards."""
+    c = bench.cart(request.param)
+    c._guard()  # a quarantined cart fails at once with the reason it was quarantined
+    start = c.console.mark()
+    request.node.stash[CART_KEY] = (c, start)
+    yield c
+    try:
+        c.safe_state()
+    finally:
+        _attach_console(request.node, c, start)
+
+
+CART_KEY = pytest.StashKey[tuple]()
+
+
+def _attach_console(item: pytest.Item, cart, start: int) -> None:
+    text = cart.console.slice_text(start)
+    item.add_report_section("call", f"console {cart.id}", text)
+    try:
+        import allure
+
+        allure.attach(text, name=f"console {cart.id}", attachment_type=allure.attachment_type.TEXT)
+    except Exception:
+        pass
+
+
+# ------------------------------------------------------------------ results as they happen
+
+
+class ResultWriter:
+    """One JSON line per test outcome, appended the moment it is known, so a killed run still
+    leaves its results. Registered in the controller only (xdist workers report to it)."""
+
+    def __init__(self, state: HilState):
+        self.state = state
+        self.path = state.run_dir / "results.jsonl"
+
+    def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
+        if report.when != "call" and report.outcome == "passed":
+            return
+        if report.when == "teardown" and report.outcome == "skipped":
+            return
+        props = dict(report.user_properties)
+        rec = {"run_id": self.state.run_id, "test": report.nodeid, "cart": props.get("cart"),
+               "when": report.when, "outcome": report.outcome, "duration_s": round(report.duration, 3),
+               "t": round(time.time(), 3)}
+        if report.failed and report.longrepr:
+            rec["reason"] = str(getattr(report.longrepr, "reprcrash", None) or report.longrepr).splitlines()[-1][:500]
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path, "a") as f:
+            f.write(json.dumps(rec) + "\n")
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    cs = getattr(item, "callspec", None)
+    if cs is not None and "cart" in cs.params:
+        item.user_properties.append(("cart", cs.params["cart"]))

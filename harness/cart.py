@@ -1,0 +1,257 @@
+"""A cart on a rig, seen the way a bench engineer sees it: a console, a supply channel, a profile.
+
+`Cart` has an explicit state (off, bootloader, running, recovery) and a quarantine latch: an
+infrastructure failure (no banner, a supply that stops answering) latches the cart as
+quarantined with the original error, and every later step on it fails at once with that
+reason instead of hammering a broken cart. The other carts go on.
+"""
+
+from __future__ import annotations
+
+import enum
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from harness.config import Rig, Slot
+from harness.console import Console, ConsoleError, Shell
+from harness.power import ChannelPower, SupplyError, open_supply
+
+
+class CartState(enum.Enum):
+    OFF = "off"
+    BOOTLOADER = "bootloader"
+    RUNNING = "running"
+    RECOVERY = "recovery"
+    QUARANTINED = "quarantined"
+
+
+class CartError(Exception):
+    """A step on a cart failed; the message names the cart and carries the console tail."""
+
+
+class BootError(CartError):
+    pass
+
+
+class Quarantined(CartError):
+    pass
+
+
+@dataclass(frozen=True)
+class Banner:
+    bl_version: str
+    slot: str
+    version: str
+    config: str
+    mode: str
+    line: str
+
+
+@dataclass(frozen=True)
+class SlotStatus:
+    active: str
+    booted: str
+    pending: str | None
+    tries: int
+    confirmed: bool
+    slots: dict[str, dict[str, str]] = field(default_factory=dict)
+
+
+class Bench:
+    """What one process holds open on a rig: one driver per supply, one console per cart.
+
+    Supplies are shared by the carts on them (the driver's per-instrument lock serialises
+    select-then-command sequences across processes too).
+    """
+
+    def __init__(self, rig: Rig, log_dir: Path):
+        self.rig = rig
+        self.log_dir = log_dir
+        self._supplies: dict[str, object] = {}
+        self._carts: dict[str, Cart] = {}
+
+    def supply(self, name: str):
+        if name not in self._supplies:
+            spec = self.rig.supply(name)
+            self._supplies[name] = open_supply(spec.name, spec.resource, spec.dialect, spec.channels,
+                                               timeout_ms=spec.timeout_ms)
+        return self._supplies[name]
+
+    def cart(self, cart_id: str) -> Cart:
+        if cart_id not in self._carts:
+            self._carts[cart_id] = Cart(self, self.rig.slot_for(cart_id))
+        return self._carts[cart_id]
+
+    def close(self) -> None:
+        """Safe state for every cart this process touched, then close consoles and supplies."""
+        errors = []
+        for cart in self._carts.values():
+            try:
+                cart.safe_state()
+            except Exception as exc:  # keep going: every output must be tried
+                errors.append(exc)
+            cart.console.close()
+        for sup in self._supplies.values():
+            try:
+                sup.close()
+            except Exception as exc:
+                errors.append(exc)
+        self._carts.clear()
+        self._supplies.clear()
+        if errors:
+            raise errors[0]
+
+
+class Cart:
+    def __init__(self, bench: Bench, slot: Slot):
+        self.bench = bench
+        self.slot = slot
+        self.config = slot.cart
+        self.profile = slot.profile
+        self.id = slot.cart_id
+        self.state = CartState.OFF
+        self.quarantine_reason: str | None = None
+        self.console = Console(slot.console_url, name=self.id, log_path=bench.log_dir / f"{self.id}.log",
+                               line_ending=self.profile.line_ending)
+        self.console.open()
+        self._power: ChannelPower | None = None
+        self.boots: list[Banner] = []  # every banner seen through power_on/wait_boot, in order
+        self._rx = {k: re.compile(v) for k, v in self.profile.patterns.items()}
+
+    # ------------------------------------------------------------ quarantine
+    def _guard(self) -> None:
+        if self.state is CartState.QUARANTINED:
+            raise Quarantined(f"{self.id} is quarantined for this run: {self.quarantine_reason}")
+
+    def quarantine(self, reason: str) -> None:
+        self.state = CartState.QUARANTINED
+        self.quarantine_reason = reason.splitlines()[0] if reason else "unknown"
+        try:
+            if self._power is not None:
+                self._power.off()
+        except Exception:
+            pass
+
+    # ------------------------------------------------------------ power
+    @property
+    def power(self) -> ChannelPower:
+        if self._power is None:
+            lim = self.config.supply
+            self._power = ChannelPower(self.bench.supply(self.slot.supply.name), self.slot.channel,
+                                       max_voltage=lim.max_voltage, current_limit=lim.current_limit,
+                                       label=f"{self.id} ({self.slot.supply.name} ch{self.slot.channel})")
+        return self._power
+
+    def _infra(self, fn, *args, **kw):
+        """Run a supply operation; a supply that does not answer quarantines the cart."""
+        self._guard()
+        try:
+            return fn(*args, **kw)
+        except SupplyError as exc:
+            self.quarantine(str(exc))
+            raise
+
+    def power_off(self) -> None:
+        self._infra(self.power.off)
+        self.state = CartState.OFF
+
+    def power_on(self, *, wait: bool = True, timeout: float | None = None) -> Banner | None:
+        """Output on at the cart's nominal voltage and current limit; by default wait for the banner
+        and the firmware's ready line. The console cursor is moved to "now" first, so nothing from
+        an earlier boot can match."""
+        self._guard()
+        lim = self.config.supply
+        self._infra(self.power.set_voltage, lim.voltage)
+        self._infra(self.power.set_current_limit, lim.current_limit)
+        self.console.mark()
+        self._infra(self.power.on)
+        self.state = CartState.BOOTLOADER
+        return self.wait_boot(timeout=timeout) if wait else None
+
+    def power_cycle(self, *, off_time: float | None = None, wait: bool = True,
+                    timeout: float | None = None) -> Banner | None:
+        self.power_off()
+        # physics: let the rail fall and the cart's capacitors drain before power returns
+        time.sleep(self.off_time if off_time is None else off_time)
+        return self.power_on(wait=wait, timeout=timeout)
+
+    @property
+    def off_time(self) -> float:
+        return self.bench.rig.spec.power_off_s
+
+    @property
+    def boot_timeout(self) -> float:
+        """Deadline for power-on to ready: the configuration's expected boot time with headroom."""
+        return 3.0 * self.config.boot.expected_s + self.config.boot.autoboot_window_s + 2.0
+
+    def safe_state(self) -> None:
+        if self._power is not None:
+            self._power.safe_state()
+        if self.state is not CartState.QUARANTINED:
+            self.state = CartState.OFF
+
+    # ------------------------------------------------------------ boot
+    def wait_boot(self, timeout: float | None = None, *, ready: bool = True) -> Banner:
+        """Wait for the boot banner (and the firmware's ready line). A cart that never shows
+        them is quarantined and the error carries the console tail."""
+        self._guard()
+        timeout = self.boot_timeout if timeout is None else timeout
+        t0 = time.monotonic()
+        try:
+            m = self.console.expect(self._rx["banner"], timeout, what=f"{self.id} boot banner")
+            banner = Banner(m["bl_version"], m["slot"], m["version"], m["config"], m["mode"], m.group(0))
+            self.boots.append(banner)
+            self.state = CartState.BOOTLOADER
+            if ready:
+                left = max(0.1, timeout - (time.monotonic() - t0))
+                self.console.expect(self._rx["ready"], left, what=f"{self.id} firmware ready")
+                self.state = CartState.RUNNING
+        except ConsoleError as exc:
+            self.quarantine(f"no boot: {exc}")
+            raise BootError(f"{self.id}: {exc}") from None
+        return banner
+
+    # ------------------------------------------------------------ shell
+    @property
+    def shell(self) -> Shell:
+        return Shell(self.console, prompt=self.profile.prompt, echo=self.profile.echo,
+                     error_pattern=self.profile.error)
+
+    def command(self, key: str, timeout: float = 5.0, **fmt) -> list[str]:
+        """Send one of the profile's commands; returns the reply lines."""
+        self._guard()
+        spec = self.profile.commands[key]
+        return self.shell.run(spec.send.format(**fmt), timeout=timeout)
+
+    def query(self, key: str, timeout: float = 5.0, **fmt) -> re.Match:
+        """Send a profile command and parse the first reply line matching its `parse` pattern."""
+        lines = self.command(key, timeout=timeout, **fmt)
+        rx = re.compile(self.profile.commands[key].parse or ".*")
+        for line in lines:
+            m = rx.search(line)
+            if m:
+                return m
+        raise CartError(f"{self.id}: {key}: no reply matching {rx.pattern!r} in {lines!r}\n{self.console.tail()}")
+
+    def version(self) -> str:
+        return self.query("version")["version"]
+
+    def slot_status(self) -> SlotStatus:
+        lines = self.command("slot_status")
+        rx = re.compile(self.profile.commands["slot_status"].parse or "")
+        head = next((rx.search(x) for x in lines if rx.search(x)), None)
+        if head is None:
+            raise CartError(f"{self.id}: slot status: unexpected reply {lines!r}")
+        slots = {}
+        for x in lines:
+            m = re.match(r"^slot ([AB]) (.*)$", x)
+            if m:
+                slots[m.group(1)] = dict(kv.split("=", 1) for kv in m.group(2).split() if "=" in kv)
+        pending = head["pending"]
+        return SlotStatus(head["active"], head["booted"], None if pending == "-" else pending,
+                          int(head["tries"]), head["confirmed"] == "yes", slots)
+
+    def __repr__(self) -> str:
+        return f"<Cart {self.id} slot {self.slot.number} {self.state.value}>"

@@ -1,0 +1,131 @@
+"""`hil`: the cart-hil command.
+
+    hil smoke [--rig R] [--cart ID]... [--tag T]... [-n N]   the rack smoke suite (the gate's job so far)
+    hil test [PYTEST ARGS]                                     lint + the project's own tests + the suites
+    hil rig check RIG                                          validate a rig file and its carts
+    hil rack up [RIG]                                          run a virtual rig's rack in the foreground
+    hil bench [--rig R] [--out FILE]                           latency and timing figures
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from harness.config import ConfigError, Rig
+
+ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_RIG = ROOT / "rigs" / "virtual.yaml"
+
+
+def _pytest(args: list[str]) -> int:
+    cmd = [sys.executable, "-m", "pytest", *args]
+    print("+", " ".join(cmd), flush=True)
+    return subprocess.call(cmd, cwd=ROOT)
+
+
+def cmd_smoke(a: argparse.Namespace) -> int:
+    try:
+        rig = Rig.load(a.rig)
+        slots = rig.select(a.cart, a.tag)
+    except ConfigError as exc:
+        print(f"hil: {exc}", file=sys.stderr)
+        return 2
+    n = a.workers or max(1, len(slots))
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    out = ROOT / "reports" / "smoke" / stamp
+    args = ["test_suites/test_rack_smoke.py", "--rig", str(rig.path), "-n", str(n),
+            f"--junitxml={out / 'junit.xml'}", f"--alluredir={out / 'allure-results'}", "-q"]
+    for c in a.cart:
+        args += ["--cart", c]
+    for t in a.tag:
+        args += ["--tag", t]
+    rc = _pytest(args + a.pytest_args)
+    print(f"hil smoke: {'PASS' if rc == 0 else 'FAIL'} ({len(slots)} carts on {rig.name}); reports in {out}")
+    return rc
+
+
+def cmd_test(a: argparse.Namespace) -> int:
+    print("+ ruff check .", flush=True)
+    rc = subprocess.call([sys.executable, "-m", "ruff", "check", "."], cwd=ROOT)
+    if rc != 0:
+        return rc
+    workers = os.environ.get("HIL_TEST_WORKERS", "4")
+    return _pytest(["tests", "test_suites", "-n", workers, "-q", "--timeout=600", *a.pytest_args])
+
+
+def cmd_rig_check(a: argparse.Namespace) -> int:
+    try:
+        rig = Rig.load(a.rig)
+    except ConfigError as exc:
+        print(f"hil: {exc}", file=sys.stderr)
+        return 2
+    print(f"{rig.path}: {rig.name} ({rig.spec.kind}), {len(rig.slots)} slots, {len(rig.spec.supplies)} supplies")
+    for s in rig.slots:
+        c = s.cart
+        print(f"  slot {s.number:2d} {c.id:8s} {c.hardware_revision:6s} {s.supply.name}:{s.channel} "
+              f"({s.supply.dialect}) fw {c.firmware.initial_version} {s.spec.console}")
+    return 0
+
+
+def cmd_rack_up(a: argparse.Namespace) -> int:
+    try:
+        Rig.load(a.rig)
+    except ConfigError as exc:
+        print(f"hil: {exc}", file=sys.stderr)
+        return 2
+    return subprocess.call([sys.executable, "-m", "vrack", "up", str(a.rig)], cwd=ROOT)
+
+
+def cmd_bench(a: argparse.Namespace) -> int:
+    from harness.bench import run_bench
+
+    return run_bench(a.rig, out=a.out, quick=a.quick)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="hil", description="cart-hil: hardware-in-the-loop OTA release gate")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+
+    s = sub.add_parser("smoke", help="run the rack smoke suite on the selected carts")
+    s.add_argument("--rig", type=Path, default=DEFAULT_RIG)
+    s.add_argument("--cart", action="append", default=[])
+    s.add_argument("--tag", action="append", default=[])
+    s.add_argument("-n", "--workers", type=int, default=0, help="parallel workers (default: one per cart)")
+    s.add_argument("pytest_args", nargs=argparse.REMAINDER)
+    s.set_defaults(fn=cmd_smoke)
+
+    t = sub.add_parser("test", help="lint, then run the project's tests and suites")
+    t.add_argument("pytest_args", nargs=argparse.REMAINDER)
+    t.set_defaults(fn=cmd_test)
+
+    r = sub.add_parser("rig", help="rig files")
+    rs = r.add_subparsers(dest="rigcmd", required=True)
+    rc = rs.add_parser("check", help="validate a rig file and the carts it names")
+    rc.add_argument("rig", type=Path)
+    rc.set_defaults(fn=cmd_rig_check)
+
+    k = sub.add_parser("rack", help="the virtual rack")
+    ks = k.add_subparsers(dest="rackcmd", required=True)
+    ku = ks.add_parser("up", help="run a virtual rig's rack in the foreground (Ctrl-C stops it)")
+    ku.add_argument("rig", type=Path, nargs="?", default=DEFAULT_RIG)
+    ku.set_defaults(fn=cmd_rack_up)
+
+    b = sub.add_parser("bench", help="measure console, SCPI and boot latencies and smoke-suite scaling")
+    b.add_argument("--rig", type=Path, default=DEFAULT_RIG)
+    b.add_argument("--out", type=Path, default=ROOT / "reports" / "bench" / "bench.json")
+    b.add_argument("--quick", action="store_true", help="fewer samples, skip the smoke-suite scaling run")
+    b.set_defaults(fn=cmd_bench)
+
+    a = ap.parse_args(argv)
+    if getattr(a, "pytest_args", None) and a.pytest_args[:1] == ["--"]:
+        a.pytest_args = a.pytest_args[1:]
+    return a.fn(a)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,65 @@
+"""Shared helpers for the harness's and vrack's own tests."""
+
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def free_ports(n: int) -> list[int]:
+    socks, ports = [], []
+    for _ in range(n):
+        s = socket.socket()
+        s.bind(("127.0.0.1", 0))
+        socks.append(s)
+        ports.append(s.getsockname()[1])
+    for s in socks:
+        s.close()
+    return ports
+
+
+def write_rig(tmp_path: Path, carts: list[str], **overrides) -> Path:
+    """A virtual rig of a few slots on free loopback ports, its run dir under tmp_path.
+
+    Slots alternate between a Keysight and a Rigol supply (two channels each)."""
+    ports = free_ports(3)
+    run = tmp_path / "run"
+    rig = {
+        "name": "test-rig", "kind": "virtual", "configs": str(ROOT / "configs"), "power_off_s": 0.05,
+        "virtual": {"run_dir": str(run), "flash_time_scale": 0.05},
+        "broker": {"host": "127.0.0.1", "port": ports[2], "ca": str(run / "broker/ca.pem"),
+                   "cert": str(run / "broker/harness.pem"), "key": str(run / "broker/harness.key")},
+        "supplies": [
+            {"name": "psu-k", "resource": f"TCPIP0::127.0.0.1::{ports[0]}::SOCKET", "dialect": "keysight-e36312a",
+             "model": "E36313A", "channels": 3, "timeout_ms": 500},
+            {"name": "psu-r", "resource": f"TCPIP0::127.0.0.1::{ports[1]}::SOCKET", "dialect": "rigol-dp800",
+             "model": "DP832", "channels": 3, "timeout_ms": 500},
+        ],
+        "recovery": {"method": "serial", "image": str(run / "factory/fw-{version}.img"),
+                     "trust_store": str(run / "factory/trust-{cart}.bin")},
+        "slots": [
+            {"slot": i + 1, "cart": c, "console": str(run / f"dev/serial/by-id/vcart-slot{i + 1:02d}"),
+             "supply": "psu-k" if i % 2 == 0 else "psu-r", "channel": i // 2 + 1}
+            for i, c in enumerate(carts)
+        ],
+    }
+    rig.update(overrides)
+    path = tmp_path / "rig.yaml"
+    path.write_text(yaml.safe_dump(rig, sort_keys=False))
+    return path
+
+
+@pytest.fixture
+def rig_factory(tmp_path):
+    def make(carts, **overrides):
+        return write_rig(tmp_path, carts, **overrides)
+
+    return make
+
+
+pytest_plugins = ["pytester"]

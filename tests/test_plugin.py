@@ -1,0 +1,88 @@
+"""The pytest plugin, run as a user runs it (a pytest subprocess) against small virtual rigs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from harness.config import Rig
+from harness.rackctl import rack_state
+
+SUITE = """
+def test_boots(cart):
+    banner = cart.power_on()
+    assert banner.config == cart.id
+
+def test_version(cart):
+    cart.power_on()
+    assert cart.version()
+"""
+
+
+def _results(pytester) -> list[dict]:
+    files = list(Path(pytester.path / "reports").glob("runs/*/results.jsonl"))
+    assert len(files) == 1
+    return [json.loads(x) for x in files[0].read_text().splitlines()]
+
+
+def test_ids_are_config_ids_and_rack_started_and_stopped(pytester, rig_factory):
+    rig_path = rig_factory(["cart-01", "cart-05"])
+    pytester.makepyfile(test_scenario=SUITE)
+    res = pytester.runpytest_subprocess("--hil-reports", str(pytester.path / "reports"), "--rig", str(rig_path), "-v", "-p", "no:cacheprovider")
+    res.assert_outcomes(passed=4)
+    res.stdout.fnmatch_lines(["*test_boots?cart-01? PASSED*", "*test_version?cart-05? PASSED*"])
+    rig = Rig.load(rig_path)
+    assert rack_state(rig) is None, "the plugin stops the rack it started"
+    recs = _results(pytester)
+    assert {(r["cart"], r["outcome"]) for r in recs} == {("cart-01", "passed"), ("cart-05", "passed")}
+    logs = list(Path(pytester.path / "reports").glob("runs/*/consoles/cart-05.log"))
+    assert logs and "BOOT: bl=" in logs[0].read_text()
+
+
+def test_select_by_tag_under_xdist_groups_each_cart_on_one_worker(pytester, rig_factory):
+    rig_path = rig_factory(["cart-01", "cart-06", "cart-07"])
+    pytester.makepyfile(test_scenario=SUITE + """
+import os
+def test_worker(cart, record_property):
+    record_property("worker", os.environ.get("PYTEST_XDIST_WORKER"))
+""")
+    res = pytester.runpytest_subprocess("--hil-reports", str(pytester.path / "reports"), "--rig", str(rig_path), "--tag", "rev-d", "-n", "2", "-v")
+    res.assert_outcomes(passed=6)
+    assert "cart-01" not in res.stdout.str()
+    workers: dict[str, set] = {}
+    for line in res.stdout.lines:
+        if "PASSED" in line and "[gw" in line:
+            gw = line.split("[gw", 1)[1].split("]", 1)[0]
+            cart = line.split("[", 2)[2].split("]")[0] if line.count("[") >= 2 else None
+            workers.setdefault(cart, set()).add(gw)
+    assert all(len(v) == 1 for v in workers.values()), workers
+
+
+def test_broken_cart_fails_with_console_tail_and_others_go_on(pytester, rig_factory):
+    rig_path = rig_factory(["cart-01", "cart-04"])
+    rig = Rig.load(rig_path)
+    geo = rig.slot_for("cart-04").cart.flash
+    flash = rig.run_dir / "flash" / "slot02.bin"
+    flash.parent.mkdir(parents=True)
+    flash.write_bytes(b"\xff" * (8 * geo.page_size + 2 * geo.slot_size))
+    pytester.makepyfile(test_scenario=SUITE)
+    res = pytester.runpytest_subprocess("--hil-reports", str(pytester.path / "reports"), "--rig", str(rig_path), "-v")
+    res.assert_outcomes(passed=2, failed=1, errors=1)
+    out = res.stdout.str()
+    assert "no bootable image" in out
+    assert "quarantined" in out
+    recs = _results(pytester)
+    assert {r["outcome"] for r in recs if r["cart"] == "cart-01"} == {"passed"}
+    assert rack_state(rig) is None
+
+
+def test_bad_rig_is_one_line_and_nothing_starts(pytester, rig_factory):
+    rig_path = rig_factory(["cart-01", "cart-02"])
+    text = rig_path.read_text().replace("dialect: rigol-dp800", "dialect: rigol-dp9000")
+    rig_path.write_text(text)
+    pytester.makepyfile(test_scenario=SUITE)
+    res = pytester.runpytest_subprocess("--hil-reports", str(pytester.path / "reports"), "--rig", str(rig_path))
+    assert res.ret != 0
+    err = res.stderr.str()
+    assert "rig.yaml: supply psu-r: dialect: unknown dialect 'rigol-dp9000'" in err
+    assert not (rig_path.parent / "run").exists(), "nothing started"
