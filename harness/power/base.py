@@ -427,10 +427,9 @@ class ScpiSupply:
                 self._drop_link()
         except SupplyError:  # another process holds the instrument for too long: close anyway
             self._drop_link()
-        if self._rm is not None:
-            with contextlib.suppress(Exception):
-                self._rm.close()
-            self._rm = None
+        # pyvisa hands every caller the same ResourceManager per backend: closing it here would
+        # close every other supply's session in this process. Only this instrument's link is ours.
+        self._rm = None
         self._lock.close()
 
     def __enter__(self) -> ScpiSupply:
