@@ -32,7 +32,7 @@ def _results(pytester) -> list[dict]:
 def test_ids_are_config_ids_and_rack_started_and_stopped(pytester, rig_factory):
     rig_path = rig_factory(["cart-01", "cart-05"])
     pytester.makepyfile(test_scenario=SUITE)
-    res = pytester.run(pytester, "--rig", str(rig_path), "-v", "-p", "no:cacheprovider")
+    res = run(pytester, "--rig", str(rig_path), "-v", "-p", "no:cacheprovider")
     res.assert_outcomes(passed=4)
     res.stdout.fnmatch_lines(["*test_boots?cart-01? PASSED*", "*test_version?cart-05? PASSED*"])
     rig = Rig.load(rig_path)
@@ -50,7 +50,7 @@ import os
 def test_worker(cart, record_property):
     record_property("worker", os.environ.get("PYTEST_XDIST_WORKER"))
 """)
-    res = pytester.run(pytester, "--rig", str(rig_path), "--tag", "rev-d", "-n", "2", "-v")
+    res = run(pytester, "--rig", str(rig_path), "--tag", "rev-d", "-n", "2", "-v")
     res.assert_outcomes(passed=6)
     assert "cart-01" not in res.stdout.str()
     workers: dict[str, set] = {}
@@ -70,7 +70,7 @@ def test_broken_cart_fails_with_console_tail_and_others_go_on(pytester, rig_fact
     flash.parent.mkdir(parents=True)
     flash.write_bytes(b"\xff" * (8 * geo.page_size + 2 * geo.slot_size))
     pytester.makepyfile(test_scenario=SUITE)
-    res = pytester.run(pytester, "--rig", str(rig_path), "-v")
+    res = run(pytester, "--rig", str(rig_path), "-v")
     res.assert_outcomes(passed=2, failed=1, errors=1)
     out = res.stdout.str()
     assert "no bootable image" in out
@@ -85,7 +85,7 @@ def test_bad_rig_is_one_line_and_nothing_starts(pytester, rig_factory):
     text = rig_path.read_text().replace("dialect: rigol-dp800", "dialect: rigol-dp9000")
     rig_path.write_text(text)
     pytester.makepyfile(test_scenario=SUITE)
-    res = pytester.run(pytester, "--rig", str(rig_path))
+    res = run(pytester, "--rig", str(rig_path))
     assert res.ret != 0
     err = res.stderr.str()
     assert "rig.yaml: supply psu-r: dialect: unknown dialect 'rigol-dp9000'" in err
