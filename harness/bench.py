@@ -96,7 +96,8 @@ def boot_times(bench, rig: Rig) -> dict:
 def smoke_scaling(rig_path: Path) -> dict:
     def run(args: list[str]) -> float:
         t = time.monotonic()
-        cmd = [sys.executable, "-m", "pytest", "test_suites/test_rack_smoke.py", "-q", "--rig", str(rig_path), *args]
+        cmd = [sys.executable, "-m", "pytest", "test_suites/test_rack_smoke.py", "-q", "--rig", str(rig_path),
+               "-p", "no:hypothesispytest", *args]  # as `hil smoke` runs it
         rc = subprocess.call(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         if rc != 0:
             raise RuntimeError(f"smoke suite failed during the benchmark ({' '.join(args)}); run `hil smoke`")

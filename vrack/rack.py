@@ -119,10 +119,13 @@ class CartSocket:
         self.rtc = rack.run_dir / "rtc" / tag
         self.state = rack.run_dir / "state" / tag
         self.log = rack.run_dir / "logs" / f"{tag}-process.log"
+        self.config_copy = rack.run_dir / "carts" / f"{cart.id}.json"
 
     def prepare(self, factory_dir: Path) -> None:
-        for p in (self.flash, self.rtc, self.state, self.log):
+        for p in (self.flash, self.rtc, self.state, self.log, self.config_copy):
             p.parent.mkdir(parents=True, exist_ok=True)
+        # what the cart reads at every power-on: its configuration, as JSON (no YAML parser at boot)
+        self.config_copy.write_text(json.dumps(yaml.safe_load(self.slot.cart_file.read_text())))
         if not self.flash.exists():
             image = (factory_dir / f"fw-{self.cart.firmware.initial_version}.img").read_bytes()
             trust = (factory_dir / f"trust-{self.cart.id}.bin").read_bytes()
@@ -134,7 +137,7 @@ class CartSocket:
             if on and self.proc is None:
                 self.state.write_bytes(bytes([STATE_BOOTING]))
                 cmd = [sys.executable, "-m", "vrack.cart", "--slot", str(self.slot.number),
-                       "--cart-config", str(self.slot.cart_file), "--flash", str(self.flash),
+                       "--cart-config", str(self.config_copy), "--flash", str(self.flash),
                        "--rtc", str(self.rtc), "--state", str(self.state),
                        "--console-fd", str(self.cable.master_fd),
                        "--flash-time-scale", str(self.rack.rig.flash_time_scale)]
