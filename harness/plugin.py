@@ -59,7 +59,7 @@ def pytest_configure(config: pytest.Config) -> None:
         # every slot's tests on one worker: group by cart
         if getattr(config.option, "dist", "no") == "load":
             config.option.dist = "loadgroup"
-    state = HilState(config, rig_path, run_id, run_dir, owner, explicit_rig=bool(rig_opt))
+    state = HilState(config, rig_path, run_id, run_dir, owner)
     config.stash[STATE] = state
     if not _is_worker(config):
         config.pluginmanager.register(ResultWriter(state), "cart-hil-results")
@@ -111,13 +111,12 @@ def pytest_unconfigure(config: pytest.Config) -> None:
 
 
 class HilState:
-    def __init__(self, config, rig_path: Path, run_id: str, run_dir: Path, owner_pid: int, explicit_rig: bool):
+    def __init__(self, config, rig_path: Path, run_id: str, run_dir: Path, owner_pid: int):
         self.config = config
         self.rig_path = rig_path
         self.run_id = run_id
         self.run_dir = run_dir
         self.owner_pid = owner_pid
-        self.explicit_rig = explicit_rig
         self._rig: Rig | None = None
 
     @property
@@ -146,13 +145,11 @@ class HilState:
                 (rig.run_dir / "rack.owner").write_text(json.dumps({"pid": pid, "run_id": self.run_id}))
 
     def stop_rack_if_ours(self) -> None:
-        if self._rig is None and not self.explicit_rig:
-            try:
-                rig = Rig.load(self.rig_path)
-            except ConfigError:
-                return
-        else:
-            rig = self._rig or Rig.load(self.rig_path)
+        """Stop the virtual rack if a process of this run started it (workers start it lazily)."""
+        try:
+            rig = self.rig
+        except ConfigError:
+            return
         if not rig.is_virtual:
             return
         owner_file = rig.run_dir / "rack.owner"
