@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 from harness.config import Rig
@@ -45,20 +46,19 @@ def test_ids_are_config_ids_and_rack_started_and_stopped(pytester, rig_factory):
 
 def test_select_by_tag_under_xdist_groups_each_cart_on_one_worker(pytester, rig_factory):
     rig_path = rig_factory(["cart-01", "cart-06", "cart-07"])
-    pytester.makepyfile(test_scenario=SUITE + """
-import os
-def test_worker(cart, record_property):
-    record_property("worker", os.environ.get("PYTEST_XDIST_WORKER"))
-""")
-    res = run(pytester, "--rig", str(rig_path), "--tag", "rev-d", "-n", "2", "-v")
-    res.assert_outcomes(passed=6)
+    pytester.makepyfile(test_scenario=SUITE + "".join(f"""
+def test_quick_{i}(cart):
+    assert cart.id
+""" for i in range(6)))
+    res = run(pytester, "--rig", str(rig_path), "--tag", "rev-d", "-n", "3", "-v")
+    res.assert_outcomes(passed=16)
     assert "cart-01" not in res.stdout.str()
     workers: dict[str, set] = {}
     for line in res.stdout.lines:
-        if "PASSED" in line and "[gw" in line:
-            gw = line.split("[gw", 1)[1].split("]", 1)[0]
-            cart = line.split("[", 2)[2].split("]")[0] if line.count("[") >= 2 else None
-            workers.setdefault(cart, set()).add(gw)
+        m = re.search(r"\[(gw\d+)\].* PASSED .*::test_\w+\[(cart-\d+)\]", line)
+        if m:
+            workers.setdefault(m.group(2), set()).add(m.group(1))
+    assert sorted(workers) == ["cart-06", "cart-07"] and sum(map(len, workers.values())) == 2, workers
     assert all(len(v) == 1 for v in workers.values()), workers
 
 
