@@ -5,6 +5,7 @@
     hil rig check RIG                                          validate a rig file and its carts
     hil rack up [RIG]                                          run a virtual rig's rack in the foreground
     hil bench [--rig R] [--out FILE]                           latency and timing figures
+    hil pki init|show [--dir D]                                the lab PKI (root CAs, signers)
 """
 
 from __future__ import annotations
@@ -121,6 +122,10 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--out", type=Path, default=ROOT / "reports" / "bench" / "bench.json")
     b.add_argument("--quick", action="store_true", help="fewer samples, skip the smoke-suite scaling run")
     b.set_defaults(fn=cmd_bench)
+
+    from harness.pki import add_cli as add_pki_cli
+
+    add_pki_cli(sub)
 
     a = ap.parse_args(argv)
     if getattr(a, "pytest_args", None) and a.pytest_args[:1] == ["--"]:
