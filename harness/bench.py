@@ -84,8 +84,8 @@ def boot_times(bench, rig: Rig) -> dict:
         c.wait_boot()
         start = c.console.mark()
         lines = c.console.lines(max(0, start - 60), start)
-        banner = next(ln for ln in reversed(lines) if c._rx["banner"].search(ln.text))
-        ready = next(ln for ln in reversed(lines) if c._rx["ready"].search(ln.text))
+        banner = next(ln for ln in reversed(lines) if c.pattern("banner").search(ln.text))
+        ready = next(ln for ln in reversed(lines) if c.pattern("ready").search(ln.text))
         res[c.id] = {"banner_s": round(banner.t_mono - t_on[c.id], 3), "ready_s": round(ready.t_mono - t_on[c.id], 3),
                      "expected_s": c.config.boot.expected_s}
     for c in carts:

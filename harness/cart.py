@@ -121,7 +121,8 @@ class Cart:
         self._rx = {k: re.compile(v) for k, v in self.profile.patterns.items()}
 
     # ------------------------------------------------------------ quarantine
-    def _guard(self) -> None:
+    def ensure_usable(self) -> None:
+        """Raise Quarantined (with the original reason) if this cart is latched out of the run."""
         if self.state is CartState.QUARANTINED:
             raise Quarantined(f"{self.id} is quarantined for this run: {self.quarantine_reason}")
 
@@ -133,6 +134,10 @@ class Cart:
                 self._power.off()
         except Exception:
             pass
+
+    def pattern(self, key: str) -> re.Pattern[str]:
+        """A console pattern of the cart's firmware profile (banner, ready, rollback ...)."""
+        return self._rx[key]
 
     # ------------------------------------------------------------ power
     @property
@@ -146,7 +151,7 @@ class Cart:
 
     def _infra(self, fn, *args, **kw):
         """Run a supply operation; a supply that does not answer quarantines the cart."""
-        self._guard()
+        self.ensure_usable()
         try:
             return fn(*args, **kw)
         except SupplyError as exc:
@@ -161,7 +166,7 @@ class Cart:
         """Output on at the cart's nominal voltage and current limit; by default wait for the banner
         and the firmware's ready line. The console cursor is moved to "now" first, so nothing from
         an earlier boot can match."""
-        self._guard()
+        self.ensure_usable()
         lim = self.config.supply
         self._infra(self.power.set_voltage, lim.voltage)
         self._infra(self.power.set_current_limit, lim.current_limit)
@@ -196,7 +201,7 @@ class Cart:
     def wait_boot(self, timeout: float | None = None, *, ready: bool = True) -> Banner:
         """Wait for the boot banner (and the firmware's ready line). A cart that never shows
         them is quarantined and the error carries the console tail."""
-        self._guard()
+        self.ensure_usable()
         timeout = self.boot_timeout if timeout is None else timeout
         t0 = time.monotonic()
         try:
@@ -221,7 +226,7 @@ class Cart:
 
     def command(self, key: str, timeout: float = 5.0, **fmt) -> list[str]:
         """Send one of the profile's commands; returns the reply lines."""
-        self._guard()
+        self.ensure_usable()
         spec = self.profile.commands[key]
         return self.shell.run(spec.send.format(**fmt), timeout=timeout)
 

@@ -212,7 +212,7 @@ def bench(rig: Rig, request: pytest.FixtureRequest):
 def cart(request: pytest.FixtureRequest, bench):
     """One cart of the rig, its console slice recorded for this test, safe state afterwards."""
     c = bench.cart(request.param)
-    c._guard()  # a quarantined cart fails at once with the reason it was quarantined
+    c.ensure_usable()  # a quarantined cart fails at once with the reason it was quarantined
     start = c.console.mark()
     request.node.stash[CART_KEY] = (c, start)
     yield c

@@ -47,7 +47,7 @@ def factory_files(cart: Cart) -> FactoryFiles:
 
 def recover_factory(cart: Cart) -> Banner:
     """Factory image in slot A, factory trust store, slot B erased, boot control reset; booted."""
-    cart._guard()
+    cart.ensure_usable()
     files = factory_files(cart)
     if cart.bench.rig.spec.recovery.method == "command":
         banner = _recover_by_command(cart, files)
@@ -97,10 +97,7 @@ class _Recovery:
 def _enter_recovery(cart: Cart) -> _Recovery:
     rec = _Recovery(cart)
     cart.power_off()
-    cart.console.mark()
-    cart._infra(cart.power.set_voltage, cart.config.supply.voltage)
-    cart._infra(cart.power.set_current_limit, cart.config.supply.current_limit)
-    cart._infra(cart.power.on)
+    cart.power_on(wait=False)  # the console cursor is at "now": only this boot's lines can match
     try:
         cart.console.expect(cart.profile.patterns["autoboot"], cart.boot_timeout, what=f"{cart.id} autoboot prompt")
         cart.console.send_raw(rec.prof.enter.encode())
