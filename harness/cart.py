@@ -243,6 +243,11 @@ class Cart:
     def version(self) -> str:
         return self.query("version")["version"]
 
+    def trust_store(self) -> dict[str, str]:
+        """CA name -> SHA-256 of its certificate (DER) as the firmware reads its trust store ('-': no cert)."""
+        rx = re.compile(self.profile.commands["trust_list"].parse or "")
+        return {m["name"]: m["fp"] for m in map(rx.search, self.command("trust_list")) if m}
+
     def slot_status(self) -> SlotStatus:
         lines = self.command("slot_status")
         rx = re.compile(self.profile.commands["slot_status"].parse or "")

@@ -76,10 +76,14 @@ def cmd_rig_check(a: argparse.Namespace) -> int:
 
 def cmd_rack_up(a: argparse.Namespace) -> int:
     try:
-        Rig.load(a.rig)
+        rig = Rig.load(a.rig)
     except ConfigError as exc:
         print(f"hil: {exc}", file=sys.stderr)
         return 2
+    if rig.spec.virtual and rig.spec.virtual.pki:
+        from harness.pki import LabPki
+
+        LabPki(rig.resolve(rig.spec.virtual.pki)).init()
     return subprocess.call([sys.executable, "-m", "vrack", "up", str(a.rig)], cwd=ROOT)
 
 

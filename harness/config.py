@@ -213,6 +213,7 @@ class BrokerSpec(_Strict):
 class VirtualSpec(_Strict):
     run_dir: Path
     flash_time_scale: float = Field(gt=0, le=10)
+    pki: Path | None = None  # the lab PKI whose root certificates the rack's factory provisions
 
 
 class RecoverySpec(_Strict):

@@ -37,8 +37,13 @@ def rack_state(rig: Rig) -> dict | None:
 
 def start_rack(rig: Rig, *, owner_pid: int | None = None, timeout: float = 60.0) -> int:
     """Start the virtual rack in its own session; return its pid once it says it is ready."""
-    assert rig.run_dir is not None
+    assert rig.run_dir is not None and rig.spec.virtual is not None
     rig.run_dir.mkdir(parents=True, exist_ok=True)
+    if rig.spec.virtual.pki is not None:
+        # the lab's CA admin work, done once: the rack's factory reads the root certificates
+        from harness.pki import LabPki
+
+        LabPki(rig.resolve(rig.spec.virtual.pki)).init()
     log_path = rig.run_dir / "vrack.log"
     cmd = [sys.executable, "-m", "vrack", "up", str(rig.path)]
     if owner_pid:

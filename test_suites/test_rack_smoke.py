@@ -6,6 +6,7 @@ reaches into the virtual rack: the same tests run on a physical rig.
 
 from __future__ import annotations
 
+import hashlib
 import re
 
 import pytest
@@ -73,3 +74,24 @@ def test_recovery_to_factory_image(cart):
     status = cart.slot_status()
     assert (status.active, status.booted, status.pending, status.confirmed) == ("A", "A", None, True)
     assert status.slots["B"]["valid"] == "no"
+    trust = cart.trust_store()
+    assert sorted(trust) == sorted(cart.config.provisioned_cas), trust
+    for name, fp in trust.items():
+        assert fp != "-", f"{name}: the factory trust store holds no certificate"
+        expected = _lab_root_fingerprint(cart, name)
+        if expected is not None:
+            assert fp == expected, f"{name}: the cart holds {fp}, the lab PKI's root is {expected}"
+
+
+def _lab_root_fingerprint(cart, name: str) -> str | None:
+    """What the factory should have provisioned: the lab PKI's root, SHA-256 of its DER (None when the
+    rig names no lab PKI, as a physical rig whose factory store is managed elsewhere)."""
+    from cryptography.hazmat.primitives.serialization import Encoding
+
+    from harness.pki import LabPki
+
+    virt = cart.bench.rig.spec.virtual
+    if virt is None or virt.pki is None:
+        return None
+    cert = LabPki(cart.bench.rig.resolve(virt.pki)).cert(name)
+    return hashlib.sha256(cert.public_bytes(Encoding.DER)).hexdigest()

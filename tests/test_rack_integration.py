@@ -122,3 +122,50 @@ def test_blank_cart_never_boots_and_is_quarantined(rig_factory, tmp_path):
     finally:
         bench.close()
         stop_rack(pid)
+
+
+def test_factory_trust_store_needs_the_named_pki(rig_factory, tmp_path):
+    """A rig that names a lab PKI without the roots its carts need: the rack says which file, starts nothing."""
+    import yaml
+
+    from vrack.rack import Rack, RackError, load_rig
+
+    path = rig_factory(["cart-06"])
+    data = yaml.safe_load(path.read_text())
+    data["virtual"]["pki"] = str(tmp_path / "empty-pki")
+    path.write_text(yaml.safe_dump(data))
+    rack = Rack(load_rig(path))
+    with pytest.raises(RackError) as ei:
+        rack.up()
+    msg = str(ei.value)
+    assert "virtual.pki" in msg and "lab-root-2025.pem" in msg and "hil pki init" in msg
+    assert not (rack.run_dir / "rack.json").exists() and not rack.supplies and rack.broker is None
+
+
+def test_trust_list_shows_the_factory_roots(rig_factory, tmp_path):
+    """With a lab PKI named, recovery provisions real root certificates; the firmware lists them."""
+    import hashlib
+
+    import yaml
+    from cryptography.hazmat.primitives.serialization import Encoding
+
+    from harness.pki import LabPki
+    from harness.recovery import recover_factory
+
+    path = rig_factory(["cart-07"])
+    data = yaml.safe_load(path.read_text())
+    data["virtual"]["pki"] = str(tmp_path / "pki")
+    path.write_text(yaml.safe_dump(data))
+    rig = Rig.load(path)
+    pid = start_rack(rig, owner_pid=os.getpid())  # creates the lab PKI first
+    bench = Bench(rig, tmp_path / "consoles")
+    try:
+        cart = bench.cart("cart-07")
+        recover_factory(cart)
+        pki = LabPki(tmp_path / "pki")
+        want = {n: hashlib.sha256(pki.cert(n).public_bytes(Encoding.DER)).hexdigest()
+                for n in ("lab-root-2025", "lab-root-2026")}
+        assert cart.trust_store() == want
+    finally:
+        bench.close()
+        stop_rack(pid)

@@ -130,9 +130,10 @@ def provision_flash(path: str | Path, cart_cfg: CartConfig | Mapping[str, Any] |
 
 
 def write_factory(out_dir: str | Path, versions: Iterable[str],
-                  carts: Iterable[CartConfig | Mapping[str, Any] | str | Path]) -> dict[str, dict[str, Path]]:
-    """Write fw-<version>.img for each version and trust-<cart id>.bin for each cart (its
-    provisioned_cas, with empty PEMs until the PKI issue fills them)."""
+                  carts: Iterable[CartConfig | Mapping[str, Any] | str | Path],
+                  ca_pems: Mapping[str, str] | None = None) -> dict[str, dict[str, Path]]:
+    """Write fw-<version>.img for each version and trust-<cart id>.bin for each cart: its
+    provisioned_cas, each with its root certificate from `ca_pems` (empty where none is given)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     written: dict[str, dict[str, Path]] = {"images": {}, "trust": {}}
@@ -143,7 +144,8 @@ def write_factory(out_dir: str | Path, versions: Iterable[str],
     for cart in carts:
         cfg = as_cart_config(cart)
         target = out / f"trust-{cfg.id}.bin"
-        target.write_bytes(trust_blob({"name": name, "pem": ""} for name in cfg.provisioned_cas))
+        pems = ca_pems or {}
+        target.write_bytes(trust_blob({"name": name, "pem": pems.get(name, "")} for name in cfg.provisioned_cas))
         written["trust"][cfg.id] = target
     return written
 

@@ -60,6 +60,7 @@ class RigDef:
     run_dir: Path
     flash_time_scale: float
     broker_port: int
+    pki: Path | None
     supplies: list[SupplyDef]
     slots: list[SlotDef]
 
@@ -100,8 +101,9 @@ def load_rig(path: Path | str) -> RigDef:
                              Path(os.path.abspath(base / need(s, "console", where))),
                              need(s, "supply", where), int(need(s, "channel", where))))
     broker = need(data, "broker", "")
+    pki = (base / virt["pki"]).resolve() if virt.get("pki") else None
     return RigDef(path, str(data.get("name", path.stem)), run_dir, float(virt.get("flash_time_scale", 1.0)),
-                  int(need(broker, "port", "broker.")), supplies, slots)
+                  int(need(broker, "port", "broker.")), pki, supplies, slots)
 
 
 class CartSocket:
@@ -184,12 +186,27 @@ class Rack:
                 return
             raise RackError(f"a rack is already up for {self.run_dir} (pid {pid}); stop it first")
 
+    def _root_pems(self, carts) -> dict[str, str]:
+        """The root certificates the factory puts in trust stores: `<name>.pem` in the rig's PKI dir."""
+        if self.rig.pki is None:
+            return {}
+        pems = {}
+        for name in sorted({ca for c in carts for ca in c.provisioned_cas}):
+            f = self.rig.pki / f"{name}.pem"
+            try:
+                pems[name] = f.read_text()
+            except OSError:
+                raise RackError(f"{self.rig.path}: virtual.pki: no root certificate {f} "
+                                f"(create the lab PKI: hil pki init --dir {self.rig.pki})") from None
+        return pems
+
     def up(self) -> None:
         self._check_not_running()
         self.run_dir.mkdir(parents=True, exist_ok=True)
         carts = {s.number: load_cart(s.cart_file) for s in self.rig.slots}
         factory_dir = self.run_dir / "factory"
-        write_factory(factory_dir, sorted({c.firmware.initial_version for c in carts.values()}), list(carts.values()))
+        write_factory(factory_dir, sorted({c.firmware.initial_version for c in carts.values()}), list(carts.values()),
+                      self._root_pems(carts.values()))
         try:
             self.broker = Broker(self.run_dir, self.rig.broker_port,
                                  ["harness", *(c.id for c in carts.values())])

@@ -121,6 +121,8 @@ class Firmware:
         elif words == ["reboot"]:
             self.say("FW: rebooting")
             self.hal.reset()
+        elif words == ["trust", "list"]:
+            self.trust_list()
         elif len(words) == 3 and words[:2] == ["bench", "lines"]:
             self.bench_lines(words[2])
         else:
@@ -136,6 +138,17 @@ class Firmware:
             image = parse_image_or_none(self.read_slot(slot))
             version = image["version"] if image else "-"
             self.say(f"slot {slot} fw={version} valid={'yes' if image else 'no'}")
+
+    def trust_list(self):
+        """The CAs in the trust store, each with the SHA-256 of its certificate (DER), or '-' if empty."""
+        layout = self.hal.flash.layout
+        cas, reason = parse_trust(self.hal.flash.read(layout.trust_offset, layout.trust_size))
+        if cas is None:
+            self.say(f"error: trust store {reason}")
+            return
+        self.say(f"trust count={len(cas)}")
+        for ca in cas:
+            self.say(f"trust {ca['name']} fp={pem_fingerprint(ca['pem'])}")
 
     def rtc_set(self, text):
         try:
@@ -243,6 +256,49 @@ def parse_image(data):
         raise ImageInvalid("hash mismatch")
     return {"version": version, "payload_size": payload_size, "sha256": known[2].hex(),
             "build_info": build_info, "tlvs": tlvs, "size": end}
+
+
+TRUST_MAGIC = b"TRST"
+TRUST_HEAD = struct.Struct("<4sHHII")  # magic, version, count, body length, crc32(body)
+
+
+def parse_trust(raw):
+    """(list of {"name", "pem"}, None) or (None, reason): this firmware's own bounds-checked reader."""
+    import zlib
+
+    if len(raw) < TRUST_HEAD.size:
+        return None, "too short"
+    magic, version, count, length, crc = TRUST_HEAD.unpack_from(raw, 0)
+    if magic == b"\xff\xff\xff\xff":
+        return None, "erased"
+    if magic != TRUST_MAGIC or version != 1:
+        return None, "bad magic"
+    body = raw[TRUST_HEAD.size:TRUST_HEAD.size + length]
+    if len(body) != length or zlib.crc32(body) != crc:
+        return None, "bad crc"
+    try:
+        cas = json.loads(body.decode("utf-8"))["cas"]
+    except (UnicodeDecodeError, ValueError, KeyError, TypeError, RecursionError):
+        return None, "bad body"
+    if not isinstance(cas, list) or len(cas) != count or not all(
+            isinstance(c, dict) and isinstance(c.get("name"), str) and isinstance(c.get("pem"), str) for c in cas):
+        return None, "bad body"
+    return cas, None
+
+
+def pem_fingerprint(pem):
+    """SHA-256 (hex) of the certificate's DER bytes; '-' for an entry without a certificate."""
+    import base64
+    import binascii
+
+    lines = [x.strip() for x in pem.strip().splitlines()]
+    if len(lines) < 3 or not lines[0].startswith("-----BEGIN CERTIFICATE") or not lines[-1].startswith("-----END"):
+        return "-"
+    try:
+        der = base64.b64decode("".join(lines[1:-1]), validate=True)
+    except (binascii.Error, ValueError):
+        return "-"
+    return hashlib.sha256(der).hexdigest()
 
 
 def parse_image_or_none(data):
