@@ -27,6 +27,7 @@ import fcntl
 import ipaddress
 import os
 import pwd
+import random
 import re
 import shutil
 import signal
@@ -77,8 +78,23 @@ class PortInUseError(BrokerError):
 
 
 def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port that is free on ``host`` right now (racy by nature: use it promptly)."""
+    """A TCP port that is free on ``host`` right now, picked at random BELOW the kernel's ephemeral
+    range: a port from bind(0) is an ephemeral one, which any outgoing connection may take before the
+    server binds it (seen: a broker port taken that way). Still racy between two pickers; use promptly."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    try:
+        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        low = 32768
+    rng = random.SystemRandom()
+    for _ in range(200):
+        port = rng.randrange(10000, max(10001, low))
+        with socket.socket(family, socket.SOCK_STREAM) as s:
+            try:
+                s.bind((host, port))
+            except OSError:
+                continue
+            return port
     with socket.socket(family, socket.SOCK_STREAM) as s:
         s.bind((host, 0))
         return s.getsockname()[1]
