@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import pytest
 import yaml
 
-from vrack.broker import free_port
+from vrack.broker import Broker, free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -51,6 +52,23 @@ def write_rig(tmp_path: Path, carts: list[str], **overrides) -> Path:
     path = tmp_path / "rig.yaml"
     path.write_text(yaml.safe_dump(rig, sort_keys=False))
     return path
+
+
+@contextlib.contextmanager
+def running_broker(tmp_path_factory, name: str, clients: list[str]):
+    """mosquitto with TLS client certificates for `clients` (plus "harness"), stopped afterwards."""
+    b = Broker(tmp_path_factory.mktemp(name) / "rack", free_port(), ["harness", *clients])
+    b.start()
+    try:
+        yield b
+    finally:
+        b.stop()
+
+
+@pytest.fixture(scope="session")
+def broker_factory():
+    """`with broker_factory(tmp_path_factory, name, clients) as broker:` in any test scope."""
+    return running_broker
 
 
 @pytest.fixture

@@ -28,11 +28,9 @@ _things = itertools.count(1)
 
 
 @pytest.fixture(scope="module")
-def broker(tmp_path_factory):
-    b = Broker(tmp_path_factory.mktemp("jobs") / "rack", free_port(), ["harness", "cart-01"])
-    b.start()
-    yield b
-    b.stop()
+def broker(tmp_path_factory, broker_factory):
+    with broker_factory(tmp_path_factory, "jobs", ["cart-01"]) as b:
+        yield b
 
 
 @pytest.fixture

@@ -11,17 +11,14 @@ import pytest
 from harness.fleet.jobs import JobsService
 from harness.fleet.mqtt import MqttClient
 from harness.fleet.telemetry import ROLLBACK_METRIC, Telemetry, TelemetryTimeout, telemetry_topic
-from vrack.broker import Broker, free_port
 
 HOST = "127.0.0.1"
 
 
 @pytest.fixture(scope="module")
-def broker(tmp_path_factory):
-    b = Broker(tmp_path_factory.mktemp("telemetry") / "rack", free_port(), ["harness", "cart-01"])
-    b.start()
-    yield b
-    b.stop()
+def broker(tmp_path_factory, broker_factory):
+    with broker_factory(tmp_path_factory, "telemetry", ["cart-01"]) as b:
+        yield b
 
 
 @pytest.fixture
