@@ -5,7 +5,11 @@
 - SCPI query latency: `*IDN?` round trips per supply (Siglent paced at 20 ms by design: reported
   apart, not in the target);
 - power-on to banner and to ready, per cart;
-- wall time of the smoke suite on ten carts in parallel against one cart.
+- wall time of the smoke suite on ten carts in parallel against one cart;
+- device event to harness: the firmware publishes `bench` telemetry stamped with its monotonic
+  clock (`bench mqtt N`); latency = the harness's receipt time - t_ns;
+- OTA update per configuration, split into pickup, download, verify, write, trial boot, confirm
+  (console timestamps), and ten carts updating in parallel against the slowest cart alone.
 
 Figures are printed and written as JSON; nothing here asserts a time.
 """
@@ -113,6 +117,75 @@ def smoke_scaling(rig_path: Path) -> dict:
             "ratio": round(ten / one, 2)}
 
 
+def mqtt_latency(cart, fleet, count: int) -> dict:
+    """Device publish -> the harness's MQTT client has it (the moment a wait on it can return)."""
+    cart.power_on()
+    fleet.telemetry.wait_metric("agent_online", thing=cart.id, timeout=30)  # the agent is connected
+    mark = fleet.telemetry.mark()
+    cart.command("bench_mqtt", timeout=30.0 + count * 0.01, count=count)
+    events = fleet.telemetry.wait_metric("bench", thing=cart.id, since=mark, at_least=count, timeout=30)
+    lat = [e.t - int(e.fields["t_ns"]) / 1e9 for e in events]
+    cart.power_off()
+    return _stats_us(lat) | {"target_p99_us": 5000}
+
+
+def _updater(bench, rig: Rig, fleet, out_dir: Path):
+    from harness.ota import CartOta, FirmwareBuilds, Signer
+    from harness.pki import DEFAULT_DIR, LabPki
+
+    pki_dir = rig.resolve(rig.spec.virtual.pki) if rig.spec.virtual and rig.spec.virtual.pki else DEFAULT_DIR
+    lab = LabPki(pki_dir)
+    lab.init()
+    builds = FirmwareBuilds(rig, out_dir / "firmware")
+    hardware = sorted({s.cart.hardware_revision for s in rig.slots})
+    return lambda cart: CartOta(cart, fleet, builds, Signer(lab), hardware)
+
+
+def update_timings(bench, rig: Rig, fleet, out_dir: Path) -> dict:
+    """One update per cart, all ten at once, then the slowest of them again alone."""
+    import threading
+
+    from harness.ota import bump
+
+    make = _updater(bench, rig, fleet, out_dir)
+    carts = [bench.cart(s.cart_id) for s in rig.slots]
+    per_cart: dict[str, dict] = {}
+    errors: dict[str, str] = {}
+
+    def one(cart) -> None:
+        try:
+            ota = make(cart)
+            target = bump(cart.power_on().version, patch=1)
+            image = ota.image(target)
+            t = time.monotonic()
+            out = ota.update(image).expect_confirmed()
+            per_cart[cart.id] = out.timings | {"wall_s": round(time.monotonic() - t, 3), "image_bytes": len(image)}
+        except Exception as exc:  # reported, not hidden
+            errors[cart.id] = str(exc).splitlines()[0]
+
+    def parallel(cs) -> float:
+        for c in cs:  # power on and build first: the figure is the update, not the boot
+            c.power_on()
+        t = time.monotonic()
+        threads = [threading.Thread(target=one, args=(c,)) for c in cs]
+        for th in threads:
+            th.start()
+        for th in threads:
+            th.join()
+        return time.monotonic() - t
+
+    ten = parallel(carts)
+    ten_cart = dict(per_cart)
+    slowest = max(ten_cart, key=lambda k: ten_cart[k].get("total", 0)) if ten_cart else carts[0].id
+    per_cart.clear()
+    alone = parallel([bench.cart(slowest)])
+    for c in carts:
+        c.power_off()
+    return {"per_cart_parallel": ten_cart, "ten_carts_s": round(ten, 2), "one_cart": slowest,
+            "one_cart_s": round(alone, 2), "one_cart_timings": per_cart.get(slowest, {}),
+            "ratio": round(ten / alone, 2) if alone else None, "errors": errors}
+
+
 def run_bench(rig_path: Path, *, out: Path, quick: bool = False) -> int:
     from harness.cart import Bench
     from harness.rackctl import rack_state, start_rack, stop_rack
@@ -130,6 +203,14 @@ def run_bench(rig_path: Path, *, out: Path, quick: bool = False) -> int:
             results["console_line_latency"] = console_latency(first, 500 if quick else 2000)
             results["scpi_query_latency"] = scpi_latency(bench, rig, 200 if quick else 1000)
             results["power_on_to_banner"] = boot_times(bench, rig)
+            from harness.ota import Fleet
+
+            fleet = Fleet(rig, out.parent / "fleet")
+            try:
+                results["device_event_to_harness"] = mqtt_latency(first, fleet, 300 if quick else 1000)
+                results["ota_update"] = update_timings(bench, rig, fleet, out.parent)
+            finally:
+                fleet.close()
         finally:
             bench.close()
     finally:
@@ -152,6 +233,21 @@ def _print(r: dict) -> None:
     print("power-on to banner / ready (s):")
     for cid, b in r["power_on_to_banner"].items():
         print(f"  {cid}: banner {b['banner_s']:.3f}  ready {b['ready_s']:.3f}  (expected {b['expected_s']})")
+    if "device_event_to_harness" in r:
+        m = r["device_event_to_harness"]
+        print(f"device event -> harness median {m['median_us']:8.1f} us   p99 {m['p99_us']:8.1f} us   (n={m['n']}, "
+              f"target p99 <= 5 ms)")
+    if "ota_update" in r:
+        u = r["ota_update"]
+        print("OTA update per cart, ten in parallel (s): pickup download verify write trial_boot confirm total")
+        for cid, t in sorted(u["per_cart_parallel"].items()):
+            cols = "  ".join(f"{t.get(k, float('nan')):7.3f}" for k in
+                             ("pickup", "download", "verify", "write", "trial_boot", "confirm", "total"))
+            print(f"  {cid}: {cols}   ({t['image_bytes']} bytes)")
+        print(f"OTA update: ten carts in parallel {u['ten_carts_s']} s, the slowest ({u['one_cart']}) alone "
+              f"{u['one_cart_s']} s (ratio {u['ratio']}, target <= 2)")
+        for cid, err in u["errors"].items():
+            print(f"  ERROR {cid}: {err}")
     if "smoke_suite" in r:
         s = r["smoke_suite"]
         print(f"smoke suite: one cart ({s['one_cart']}, the slowest to boot) {s['one_cart_s']} s, "

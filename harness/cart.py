@@ -57,6 +57,13 @@ class SlotStatus:
     tries: int
     confirmed: bool
     slots: dict[str, dict[str, str]] = field(default_factory=dict)
+    boots: int | None = None  # the bootloader's boot count, where the firmware reports it
+    rollbacks: int | None = None  # rollbacks ever (the BCB's count), where the firmware reports it
+
+    def brief(self) -> str:
+        fw = " ".join(f"{s}={v.get('fw', '?')}" for s, v in sorted(self.slots.items()))
+        return (f"active={self.active} booted={self.booted} pending={self.pending or '-'} tries={self.tries} "
+                f"confirmed={'yes' if self.confirmed else 'no'} boots={self.boots} rollbacks={self.rollbacks} {fw}")
 
 
 class Bench:
@@ -260,8 +267,20 @@ class Cart:
             if m:
                 slots[m.group(1)] = dict(kv.split("=", 1) for kv in m.group(2).split() if "=" in kv)
         pending = head["pending"]
+        gd = head.groupdict()
         return SlotStatus(head["active"], head["booted"], None if pending == "-" else pending,
-                          int(head["tries"]), head["confirmed"] == "yes", slots)
+                          int(head["tries"]), head["confirmed"] == "yes", slots,
+                          int(gd["boots"]) if gd.get("boots") else None,
+                          int(gd["rollbacks"]) if gd.get("rollbacks") else None)
+
+    def slot_hashes(self) -> dict[str, str]:
+        """Slot -> SHA-256 of the whole slot region, as the firmware reads its flash: the proof that
+        nothing was written (a version string can stay the same while pages change)."""
+        rx = re.compile(self.profile.commands["slot_hash"].parse or "")
+        found = {m["slot"]: m["sha256"] for m in map(rx.search, self.command("slot_hash")) if m}
+        if set(found) != {"A", "B"}:
+            raise CartError(f"{self.id}: slot hash: expected both slots, got {found!r}\n{self.console.tail()}")
+        return found
 
     def __repr__(self) -> str:
         return f"<Cart {self.id} slot {self.slot.number} {self.state.value}>"

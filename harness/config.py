@@ -229,6 +229,22 @@ class RecoverySpec(_Strict):
         return self
 
 
+class FirmwareSpec(_Strict):
+    """How the lab gets a firmware image of a version (and of a fault build): a command, run
+    without a shell. Each word is formatted with {python} (this interpreter), {version}, {out}
+    (the file to write); the word "{faults}" becomes "--fault NAME=VALUE" per fault."""
+
+    build: list[str] = Field(min_length=1)
+
+
+class ImageHostSpec(_Strict):
+    """Where the harness's image host listens, and the host name carts use in its URLs."""
+
+    bind: str = "127.0.0.1"
+    port: int = Field(default=0, ge=0, le=65535)
+    url_host: str | None = None
+
+
 class SlotSpec(_Strict):
     slot: int = Field(ge=1)
     cart: str
@@ -247,6 +263,8 @@ class RigSpec(_Strict):
     broker: BrokerSpec
     supplies: list[SupplySpec] = Field(min_length=1)
     recovery: RecoverySpec
+    firmware: FirmwareSpec | None = None
+    image_host: ImageHostSpec = ImageHostSpec()
     slots: list[SlotSpec] = Field(min_length=1)
 
 

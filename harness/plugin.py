@@ -225,6 +225,57 @@ def cart(request: pytest.FixtureRequest, bench):
 CART_KEY = pytest.StashKey[tuple]()
 
 
+def _pki_dir(rig: Rig) -> Path:
+    from harness.pki import DEFAULT_DIR
+
+    if rig.spec.virtual is not None and rig.spec.virtual.pki is not None:
+        return rig.resolve(rig.spec.virtual.pki)
+    return DEFAULT_DIR
+
+
+@pytest.fixture(scope="session")
+def lab_pki(rig: Rig):
+    """The lab PKI (roots, intermediates, code-signing leaves); created if missing."""
+    from harness.pki import LabPki
+
+    p = LabPki(_pki_dir(rig))
+    p.init()
+    return p
+
+
+@pytest.fixture(scope="session")
+def fleet(rig: Rig, request: pytest.FixtureRequest):
+    """This process's fleet services: MQTT on the rig's broker, jobs, image host, telemetry."""
+    from harness.ota import Fleet
+
+    st: HilState = request.config.stash[STATE]
+    worker = int(os.environ.get("PYTEST_XDIST_WORKER", "gw0")[2:] or 0)
+    f = Fleet(rig, st.run_dir / "fleet", worker=worker)
+    yield f
+    try:
+        f.telemetry.write(st.run_dir / "fleet" / f"telemetry-{os.getpid()}.json")
+    finally:
+        f.close()
+
+
+@pytest.fixture(scope="session")
+def firmware_builds(rig: Rig, request: pytest.FixtureRequest):
+    """Firmware images by version and fault set, made by the rig's build command (cached per run)."""
+    from harness.ota import FirmwareBuilds
+
+    st: HilState = request.config.stash[STATE]
+    return FirmwareBuilds(rig, st.run_dir / "firmware")
+
+
+@pytest.fixture
+def ota(cart, fleet, firmware_builds, lab_pki, rig: Rig):
+    """The OTA steps on this test's cart: `ota.image(version, faults=..., tamper=...)`, `ota.update(image)`."""
+    from harness.ota import CartOta, Signer
+
+    hardware = sorted({s.cart.hardware_revision for s in rig.slots})
+    return CartOta(cart, fleet, firmware_builds, Signer(lab_pki), hardware)
+
+
 def _attach_console(item: pytest.Item, cart, start: int) -> None:
     text = cart.console.slice_text(start)
     item.add_report_section("call", f"console {cart.id}", text)
