@@ -263,7 +263,7 @@ def test_unusable_inputs_are_verdicts_not_exceptions(lab):
 
 
 def test_sign_a_factory_image(lab):
-    unsigned = factory.build_image("1.5.0", size=16384)
+    unsigned = factory.build_image("1.5.0")
     signed = himage.sign_image(unsigned, hardware=["rev-c"], required_ca=pki.ROOT_OLD, issued=NOW - 60,
                                expires=NOW + 86400, security_counter=0,
                                signer_key=lab.key(pki.signer_of(pki.ROOT_OLD)),

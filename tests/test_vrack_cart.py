@@ -132,7 +132,7 @@ class VirtualCart:
         return m.group(1).split("\r\n")[:-1]
 
     def boot_to_shell(self, slot: str = "A", fw: str = "1.4.2", mode: str = "normal") -> None:
-        self.expect(rf"BOOT: bl=2\.1\.0 slot={slot} fw={re.escape(fw)} cfg=cart-t1 mode={mode}\r\n")
+        self.expect(rf"BOOT: bl=2\.1\.0 slot={slot} fw={re.escape(fw)} cfg={re.escape(self.config.id)} mode={mode}\r\n")
         self.expect(r"FW: ready\r\ncart> ")
 
     def recovery_send(self, what: str, data: bytes) -> list[str]:
@@ -220,11 +220,12 @@ def test_boot_banner_and_shell(vcart):
                 r"BOOT: bl=2\.1\.0 slot=A fw=1\.4\.2 cfg=cart-t1 mode=normal\r\n"
                 r"FW: reference 1\.4\.2 starting slot=A\r\n"
                 + "".join(rf"FW: sensor {s} ok\r\n" for s in SENSORS)
-                + r"FW: self-test ok\r\nFW: ready\r\ncart> ")
+                + r"FW: self-test ok\r\nOTA: no fleet settings \(erased\)\r\nFW: ready\r\ncart> ")
     assert vcart.state_path.read_bytes() == b"\x02"
     assert vcart.command("version") == ["version 1.4.2"]
     assert vcart.command("slot status") == [
-        "slot active=A booted=A pending=- tries=0 confirmed=yes", "slot A fw=1.4.2 valid=yes", "slot B fw=- valid=no"]
+        "slot active=A booted=A pending=- tries=0 confirmed=yes boots=1 rollbacks=0", "slot A fw=1.4.2 valid=yes",
+        "slot B fw=- valid=no"]
     (now,) = vcart.command("rtc get")
     assert re.fullmatch(r"rtc \d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", now)
     assert vcart.command("rtc set 2026-11-27T05:00:00Z") == ["rtc 2026-11-27T05:00:00Z"]
@@ -263,7 +264,8 @@ def test_recovery_load_into_slot_b_then_boot_it(vcart):
     assert vcart.command("bcb reset B", "recovery> ") == ["ok bcb active=B"]
     vcart.send("boot\r\n")
     vcart.boot_to_shell(slot="B", fw="1.5.0")
-    assert vcart.command("slot status")[0] == "slot active=B booted=B pending=- tries=0 confirmed=yes"
+    assert vcart.command("slot status")[0] == \
+        "slot active=B booted=B pending=- tries=0 confirmed=yes boots=1 rollbacks=0"
 
 
 def test_recovery_rejects_a_transfer_whose_hash_differs(vcart):
@@ -296,7 +298,8 @@ def test_corrupt_active_slot_falls_back_to_the_other(vcart):
     vcart.expect(r"BL: slot A invalid: hash mismatch\r\nBL: slot B ok fw=1\.5\.0 size=\d+\r\n")
     vcart.boot_to_shell(slot="B", fw="1.5.0")
     assert vcart.command("slot status") == [
-        "slot active=A booted=B pending=- tries=0 confirmed=no", "slot A fw=- valid=no", "slot B fw=1.5.0 valid=yes"]
+        "slot active=A booted=B pending=- tries=0 confirmed=no boots=1 rollbacks=0", "slot A fw=- valid=no",
+        "slot B fw=1.5.0 valid=yes"]
 
 
 def test_trial_that_crashes_at_boot_is_rolled_back(vcart):
@@ -320,8 +323,10 @@ def test_trial_that_marks_good_becomes_active(vcart):
     vcart.set_pending("B")
     vcart.power_on()
     vcart.expect(r"BOOT: bl=2\.1\.0 slot=B fw=1\.5\.0 cfg=cart-t1 mode=trial\r\n")
-    vcart.expect(r"FW: self-test ok\r\nFW: marking slot B good\r\nFW: slot B confirmed\r\nFW: ready\r\ncart> ")
-    assert vcart.command("slot status")[0] == "slot active=B booted=B pending=- tries=0 confirmed=yes"
+    vcart.expect(r"FW: self-test ok\r\nFW: marking slot B good\r\nFW: slot B confirmed\r\n"
+                 r"OTA: no fleet settings \(erased\)\r\nFW: ready\r\ncart> ")
+    assert vcart.command("slot status")[0] == \
+        "slot active=B booted=B pending=- tries=0 confirmed=yes boots=1 rollbacks=0"
     vcart.send("reboot\r\n")
     vcart.boot_to_shell(slot="B", fw="1.5.0", mode="normal")
 
@@ -368,7 +373,7 @@ def test_no_bootable_image_halts_then_recovers(vcart):
     assert vcart.state_path.read_bytes() == b"\x02"
     vcart.send("\r")
     vcart.expect(r"BL: recovery mode\r\nrecovery> ")
-    img = factory.build_image("1.4.3", size=65536)
+    img = factory.build_image("1.4.3", size=131072)
     assert vcart.recovery_send("load A", img)[-1].startswith(f"ok load A {len(img)} ")
     vcart.send("boot\r\n")
     vcart.boot_to_shell(slot="A", fw="1.4.3")

@@ -76,8 +76,8 @@ def test_factory_image_layout_and_determinism():
 
 
 def test_fault_build_and_sizes():
-    faulty = image.parse_image(factory.build_image("1.5.0", faults={"crash_on_sensor": "lidar-tfmini"}, size=65536))
-    assert len(faulty.payload) == 65536
+    faulty = image.parse_image(factory.build_image("1.5.0", faults={"crash_on_sensor": "lidar-tfmini"}, size=131072))
+    assert len(faulty.payload) == 131072
     assert faulty.build_info["faults"] == {"crash_on_sensor": "lidar-tfmini"}
     assert "FAULTS = {'crash_on_sensor': 'lidar-tfmini'}" in faulty.payload.decode()
     with pytest.raises(ValueError, match="unknown fault"):

@@ -140,7 +140,7 @@ class Bootloader:
         except (Exception, SystemExit) as exc:
             traceback.print_exc(file=sys.stderr)
             message = (str(exc).splitlines() or [""])[0]
-            self.say(f"BL: firmware crashed: {type(exc).__name__}: {message}")
+            self.console.write_line_fresh(f"BL: firmware crashed: {type(exc).__name__}: {message}")
             time.sleep(CRASH_RESET_DELAY_S)
             self.board.reset()
 
@@ -334,7 +334,7 @@ class Hal:
     def start_watchdog(self, window_s: float) -> None:
         def watch() -> None:
             if not self._confirmed.wait(window_s):
-                self.console.write_line("BL: watchdog reset")
+                self.console.write_line_fresh("BL: watchdog reset")
                 self._board.reset()
 
         threading.Thread(target=watch, name="trial-watchdog", daemon=True).start()

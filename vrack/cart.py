@@ -61,12 +61,15 @@ class Console:
         self._skip_lf = False
         self._write_lock = threading.Lock()
         self.dropped = 0
+        self.at_line_start = True  # the last text written ended a line (or nothing was written yet)
 
     # output
 
     def write(self, text: str) -> None:
         data = memoryview(text.encode("utf-8"))
         with self._write_lock:
+            if text:
+                self.at_line_start = text.endswith("\n")
             while data:
                 try:
                     _, ready, _ = select.select([], [self.fd], [], WRITE_STALL_S)
@@ -82,6 +85,12 @@ class Console:
 
     def write_line(self, text: str) -> None:
         self.write(text + "\r\n")
+
+    def write_line_fresh(self, text: str) -> None:
+        """A line that must not share a line with whatever is showing (a prompt): a line break first if needed."""
+        with self._write_lock:
+            prefix = "" if self.at_line_start else "\r\n"
+        self.write(prefix + text + "\r\n")
 
     # input
 

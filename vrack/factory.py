@@ -2,8 +2,14 @@
 
     build_image(version, *, faults=None, size=196608) -> bytes     a reference firmware image
     trust_blob(cas) -> bytes                                       a trust-store blob
-    provision_flash(path, cart_cfg, image, trust) -> Path          a new flash file, as shipped
+    settings_blob(thing, host, port, ca, cert, key) -> bytes       a fleet-settings blob
+    provision_flash(path, cart_cfg, image, trust, settings=None)   a new flash file, as shipped
+    write_settings(path, cart_cfg, settings) -> None               rewrite only the settings region
     write_factory(out_dir, versions, carts) -> dict                fw-<version>.img, trust-<cart>.bin
+
+A firmware payload is the reference source (vrack/firmware/reference.py) with the build
+constants injected, the device-side verifier (vrack/ota_verify.py) linked in as source text,
+padding, and a last line `# build-sha256 <hex>` over everything before it.
 
     python -m vrack.factory OUT_DIR --version 1.4.2 [--version ...] --cart configs/carts/x.yaml ...
 """
@@ -18,20 +24,27 @@ from pathlib import Path
 from typing import Any
 
 from vrack.cartconfig import CartConfig, as_cart_config
-from vrack.flash import Bcb, BootControl, Flash, encode_trust
+from vrack.flash import SETTINGS_PAGES, Bcb, BootControl, Flash, encode_settings, encode_trust
 from vrack.image import build_image as assemble_image
 from vrack.image import canonical_json, check_image
 
 FIRMWARE_SOURCE = Path(__file__).with_name("firmware") / "reference.py"
+OTA_VERIFY_SOURCE = Path(__file__).with_name("ota_verify.py")
 FAMILY = "reference"
 DEFAULT_PAYLOAD_SIZE = 192 * 1024
 CONSTANTS_BEGIN = "# --- build constants: replaced by vrack.factory.build_image ---\n"
 CONSTANTS_END = "# --- end build constants ---\n"
+LINKED_BEGIN = "# --- linked: replaced by vrack.factory.firmware_payload ---\n"
+LINKED_END = "# --- end linked ---\n"
+CHECKSUM_PREFIX = b"# build-sha256 "
+CHECKSUM_LINE_SIZE = len(CHECKSUM_PREFIX) + 64 + 1
 KNOWN_FAULTS: dict[str, type] = {  # what the reference firmware's fault builds understand
     "crash_at_boot": bool,
     "crash_on_sensor": str,
     "never_mark_good": bool,
     "self_test_fail": bool,
+    "no_broker": bool,
+    "early_success": bool,
 }
 
 
@@ -60,24 +73,41 @@ def build_id(version: str, faults: Mapping[str, Any]) -> str:
     return hashlib.sha256(canonical_json({"family": FAMILY, "version": version, "faults": faults})).hexdigest()[:16]
 
 
+def _replace_block(source: str, begin: str, end: str, block: str) -> str:
+    start, stop = source.find(begin), source.find(end)
+    if start < 0 or stop < start or source.count(begin) != 1:
+        raise RuntimeError(f"{FIRMWARE_SOURCE}: block {begin.strip()!r} not found")
+    return source[:start] + begin + block + end + source[stop + len(end):]
+
+
+def linked_verifier_source() -> str:
+    """vrack/ota_verify.py as text, to be carried by the payload (it must not import the rack)."""
+    text = OTA_VERIFY_SOURCE.read_text(encoding="utf-8")
+    for line in text.splitlines():
+        words = line.split()
+        if words[:1] in (["import"], ["from"]) and len(words) > 1 and words[1].split(".")[0] in ("vrack", "harness"):
+            raise RuntimeError(f"{OTA_VERIFY_SOURCE}: the linked verifier imports {words[1]}")
+    return text
+
+
 def firmware_payload(version: str, *, faults: Mapping[str, Any] | None = None,
                      size: int = DEFAULT_PAYLOAD_SIZE) -> bytes:
-    """The reference firmware source with the build constants injected, padded to `size` bytes."""
+    """The reference firmware source with the build constants injected and the verifier linked
+    in, padded to `size` bytes; the last line is `# build-sha256 <sha256 of the bytes before it>`."""
     faults = _check_faults(faults)
     source = FIRMWARE_SOURCE.read_text(encoding="utf-8")
-    begin, end = source.find(CONSTANTS_BEGIN), source.find(CONSTANTS_END)
-    if begin < 0 or end < begin or source.count(CONSTANTS_BEGIN) != 1:
-        raise RuntimeError(f"{FIRMWARE_SOURCE}: build-constants block not found")
-    constants = (
-        f"{CONSTANTS_BEGIN}FW_VERSION = {version!r}\nFW_FAMILY = {FAMILY!r}\n"
-        f"FAULTS = {faults!r}\nBUILD_ID = {build_id(version, faults)!r}\n{CONSTANTS_END}"
-    )
-    body = (source[:begin] + constants + source[end + len(CONSTANTS_END):]).encode("utf-8")
+    constants = (f"FW_VERSION = {version!r}\nFW_FAMILY = {FAMILY!r}\n"
+                 f"FAULTS = {faults!r}\nBUILD_ID = {build_id(version, faults)!r}\n")
+    source = _replace_block(source, CONSTANTS_BEGIN, CONSTANTS_END, constants)
+    source = _replace_block(source, LINKED_BEGIN, LINKED_END, f"OTA_VERIFY_SOURCE = {linked_verifier_source()!r}\n")
+    body = source.encode("utf-8")
     if not body.endswith(b"\n"):
         body += b"\n"
-    if len(body) > size:
-        raise ValueError(f"firmware source is {len(body)} bytes, more than the payload size {size}")
-    return body + _filler(size - len(body), version)
+    if len(body) + CHECKSUM_LINE_SIZE > size:
+        raise ValueError(f"firmware source is {len(body)} bytes (+{CHECKSUM_LINE_SIZE} for the build checksum), "
+                         f"more than the payload size {size}")
+    head = body + _filler(size - len(body) - CHECKSUM_LINE_SIZE, version)
+    return head + CHECKSUM_PREFIX + hashlib.sha256(head).hexdigest().encode("ascii") + b"\n"
 
 
 def _filler(n: int, seed: str) -> bytes:
@@ -106,10 +136,34 @@ def trust_blob(cas: Iterable[Mapping[str, str]]) -> bytes:
     return encode_trust([dict(ca) for ca in cas])
 
 
+def settings_blob(thing: str, host: str, port: int, ca: str, cert: str, key: str) -> bytes:
+    """A fleet-settings blob: the cart's thing name and its MQTT endpoint with the broker's CA and
+    the cart's client certificate and key (PEM). SettingsError if it does not fit the region."""
+    return encode_settings({"thing": thing, "mqtt": {"host": host, "port": int(port), "ca": ca, "cert": cert,
+                                                     "key": key}})
+
+
+def _write_settings_region(flash: Flash, settings: bytes) -> None:
+    layout = flash.layout
+    if len(settings) > layout.settings_size:
+        raise ValueError(f"settings blob of {len(settings)} bytes exceeds the {layout.settings_size}-byte region")
+    page = flash.page_size
+    for i in range(SETTINGS_PAGES):  # every page of the region: an unused one is erased
+        flash.write_page(layout.settings_first_page + i, settings[i * page:(i + 1) * page])
+
+
+def write_settings(path: str | Path, cart_cfg: CartConfig | Mapping[str, Any] | str | Path, settings: bytes) -> None:
+    """Rewrite only the settings region of an existing flash file (no page timing)."""
+    cfg = as_cart_config(cart_cfg)
+    with Flash(path, cfg.flash, time_scale=0) as flash:
+        _write_settings_region(flash, settings)
+
+
 def provision_flash(path: str | Path, cart_cfg: CartConfig | Mapping[str, Any] | str | Path, image: bytes,
-                    trust: bytes) -> Path:
+                    trust: bytes, settings: bytes | None = None) -> Path:
     """Create the cart's flash file as it leaves the factory: erased, `image` in slot A, the
-    BCB saying active A confirmed, `trust` in the trust store. No page timing."""
+    BCB saying active A confirmed, `trust` in the trust store, `settings` (if given) in the
+    settings region. No page timing."""
     cfg = as_cart_config(cart_cfg)
     path = Path(path)
     if len(image) > cfg.flash.slot_size:
@@ -125,6 +179,8 @@ def provision_flash(path: str | Path, cart_cfg: CartConfig | Mapping[str, Any] |
             raise ValueError(f"{cfg.id}: trust blob of {len(trust)} bytes exceeds the {layout.trust_size}-byte store")
         flash.write_pages(layout.slot_first_page("A"), image)
         flash.write_pages(layout.trust_first_page, trust)
+        if settings is not None:
+            _write_settings_region(flash, settings)
         BootControl(flash).write(Bcb(active="A", confirmed=True))
     return path
 

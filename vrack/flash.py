@@ -1,5 +1,5 @@
 """The cart's NOR flash: a file written page by page, the partition layout, the boot control
-block (BCB) and the trust-store blob. Layout and encodings: docs/flash-layout.md.
+block (BCB), the trust-store blob and the fleet-settings blob. Layout and encodings: docs/flash-layout.md.
 
 Every write to flash goes through `Flash.write_page()`: the one place where page-program time
 is spent and where a later issue injects power cuts and torn pages.
@@ -80,6 +80,10 @@ class Layout:
     @property
     def settings_offset(self) -> int:
         return self.settings_first_page * self.page_size
+
+    @property
+    def settings_size(self) -> int:
+        return SETTINGS_PAGES * self.page_size
 
     @property
     def page_count(self) -> int:
@@ -330,3 +334,49 @@ def decode_trust(raw: bytes) -> list[dict]:
             isinstance(c, dict) and isinstance(c.get("name"), str) and isinstance(c.get("pem"), str) for c in cas):
         raise TrustError("bad body")
     return cas
+
+
+# --- fleet settings ----------------------------------------------------------------------------
+
+SETTINGS_MAGIC = b"CSET"
+SETTINGS_VERSION = 1
+SETTINGS_MAX = SETTINGS_PAGES * 2048  # the settings region of the smallest page size: the blob must fit any cart
+_SETTINGS_HEAD = struct.Struct("<4sHHII")  # magic, version, reserved, body length, crc32(body)
+
+
+class SettingsError(ValueError):
+    pass
+
+
+def encode_settings(settings: dict) -> bytes:
+    """The settings-region blob of `settings` (JSON, sorted keys, compact); SettingsError if it
+    would not fit the settings region of the smallest page size (SETTINGS_MAX bytes)."""
+    body = json.dumps(settings, sort_keys=True, separators=(",", ":")).encode("utf-8")
+    blob = _SETTINGS_HEAD.pack(SETTINGS_MAGIC, SETTINGS_VERSION, 0, len(body), zlib.crc32(body)) + body
+    if len(blob) > SETTINGS_MAX:
+        raise SettingsError(f"fleet settings of {len(blob)} bytes do not fit the {SETTINGS_MAX}-byte settings region "
+                            f"({SETTINGS_PAGES} pages of the smallest page size, 2048)")
+    return blob
+
+
+def decode_settings(raw: bytes) -> dict:
+    """The settings in a settings-region blob (bounds-checked; SettingsError on anything wrong)."""
+    if len(raw) >= 4 and raw[:4] == b"\xff\xff\xff\xff":
+        raise SettingsError("erased")
+    if len(raw) < _SETTINGS_HEAD.size or raw[:4] != SETTINGS_MAGIC:
+        raise SettingsError("bad magic")
+    _, version, _reserved, length, crc = _SETTINGS_HEAD.unpack_from(raw, 0)
+    if version != SETTINGS_VERSION:
+        raise SettingsError("bad version")
+    body = raw[_SETTINGS_HEAD.size : _SETTINGS_HEAD.size + length]
+    if len(body) != length:
+        raise SettingsError("bad size")
+    if zlib.crc32(body) != crc:
+        raise SettingsError("bad crc")
+    try:
+        settings = json.loads(body.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        raise SettingsError("bad body") from None
+    if not isinstance(settings, dict):
+        raise SettingsError("bad body")
+    return settings

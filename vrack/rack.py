@@ -7,6 +7,7 @@ documented in docs/interfaces.md.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -21,10 +22,11 @@ from pathlib import Path
 
 import yaml
 
-from vrack.broker import Broker
+from vrack.broker import Broker, ensure_client_cert
 from vrack.cable import Cable
 from vrack.cartconfig import load_cart
-from vrack.factory import provision_flash, write_factory
+from vrack.factory import provision_flash, settings_blob, write_factory, write_settings
+from vrack.flash import FlashError, SettingsError
 from vrack.psu import EmulatedSupply
 
 
@@ -123,16 +125,42 @@ class CartSocket:
         self.log = rack.run_dir / "logs" / f"{tag}-process.log"
         self.config_copy = rack.run_dir / "carts" / f"{cart.id}.json"
 
-    def prepare(self, factory_dir: Path) -> None:
+    def prepare(self, factory_dir: Path, broker: Broker) -> None:
         for p in (self.flash, self.rtc, self.state, self.log, self.config_copy):
             p.parent.mkdir(parents=True, exist_ok=True)
         # what the cart reads at every power-on: its configuration, as JSON (no YAML parser at boot)
         self.config_copy.write_text(json.dumps(yaml.safe_load(self.slot.cart_file.read_text())))
+        settings = self.fleet_settings(broker)
+        image = (factory_dir / f"fw-{self.cart.firmware.initial_version}.img").read_bytes()
+        # which factory build this flash was provisioned from: when the factory firmware itself
+        # changes (a new checkout of this project), the rack ships new carts instead of old ones
+        stamp = self.flash.with_suffix(".factory")
+        build = hashlib.sha256(image).hexdigest()
+        old = stamp.read_text().strip() if stamp.exists() else None
+        if self.flash.exists() and old != build:
+            print(f"vrack: slot {self.slot.number} ({self.cart.id}): the factory firmware changed since its flash "
+                  "was provisioned: re-provisioned", file=sys.stderr, flush=True)
+            self.flash.unlink()
         if not self.flash.exists():
-            image = (factory_dir / f"fw-{self.cart.firmware.initial_version}.img").read_bytes()
             trust = (factory_dir / f"trust-{self.cart.id}.bin").read_bytes()
-            provision_flash(self.flash, self.cart, image, trust)
+            provision_flash(self.flash, self.cart, image, trust, settings)
+            stamp.write_text(build + "\n")
+        else:  # the broker's port or certificates may have changed since the last rack up
+            try:
+                write_settings(self.flash, self.cart, settings)
+            except FlashError as exc:
+                raise RackError(f"{self.cart.id}: cannot write its fleet settings: {exc}") from None
         self.state.write_bytes(bytes([STATE_OFF]))
+
+    def fleet_settings(self, broker: Broker) -> bytes:
+        """The cart's settings blob: thing = cart id, the rack's broker, the cart's client certificate
+        (issued by the broker for every cart id; the broker must have been started or prepared)."""
+        ca, cert, key = ensure_client_cert(broker.run_dir, self.cart.id)
+        try:
+            return settings_blob(self.cart.id, broker.host, broker.port, ca.read_text(), cert.read_text(),
+                                 key.read_text())
+        except SettingsError as exc:
+            raise RackError(f"{self.cart.id}: {exc}") from None
 
     def power(self, on: bool) -> None:
         with self.lock:
@@ -217,7 +245,7 @@ class Rack:
                 cable.open()
                 self.cables.append(cable)
                 sock = CartSocket(self, s, carts[s.number], cable)
-                sock.prepare(factory_dir)
+                sock.prepare(factory_dir, self.broker)
                 self.sockets[(s.supply, s.channel)] = sock
                 by_supply.setdefault(s.supply, {})[s.channel] = sock
             for sd in self.rig.supplies:

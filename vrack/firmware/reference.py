@@ -1,26 +1,44 @@
 """Reference cart firmware.
 
 This file is the program that runs on the virtual cart. `vrack.factory.build_image()` takes
-this source, replaces the build-constants block below with the build's values, pads it with
-a comment block and wraps it in an image; the bootloader compiles and runs the payload and
-calls `main(hal)`. It talks to the board only through `hal` (see docs/flash-layout.md and
-vrack/bootloader.py for the HAL) and may import the standard library and installed
-third-party libraries (a linked library), never the rack's own code.
+this source, replaces the build-constants block below with the build's values, links the
+device-side verifier in (the `linked` block: vrack/ota_verify.py as source text), pads it with
+a comment block, ends it with a `# build-sha256` line and wraps it in an image; the bootloader
+compiles and runs the payload and calls `main(hal)`. It talks to the board only through `hal`
+(see docs/flash-layout.md and vrack/bootloader.py for the HAL) and may import the standard
+library and installed third-party libraries (paho-mqtt, cryptography), never the rack's own code.
+
+The OTA agent (class Agent) is the contract of docs/interfaces.md, "OTA agent of the reference
+firmware": fleet settings from the settings region, MQTT over TLS to the broker, the AWS IoT
+Jobs MQTT API, download over HTTP with Range resume, verification, the inactive slot written
+page by page, the trial boot reported before it is marked good, rollbacks reported.
 
 Fault builds (FAULTS) reproduce field defects on purpose:
   crash_at_boot: true            raise during start-up, before sensors
   crash_on_sensor: "<name>"      the driver of that sensor dereferences a missing calibration
                                  at init: crashes only on carts whose sensor set has it
-  never_mark_good: true          a trial boot never confirms itself (watchdog rolls it back)
+  never_mark_good: true          a trial boot never confirms itself (nor reports its job):
+                                 the watchdog rolls it back
   self_test_fail: true           the self-test fails; a trial boot resets for rollback
+  no_broker: true                the endpoint is looked up under a renamed settings key: the
+                                 agent never reaches the broker, a trial boot never confirms
+  early_success: true            a trial boot starts its agent before sensor init and reports
+                                 SUCCEEDED as soon as it connects (before the self-test)
 """
 
 import hashlib
+import itertools
 import json
 import math
+import os
+import queue
 import re
 import struct
+import sys
+import threading
 import time
+import traceback
+import unicodedata
 from datetime import UTC, datetime
 
 # --- build constants: replaced by vrack.factory.build_image ---
@@ -30,11 +48,41 @@ FAULTS = {}
 BUILD_ID = "dev"
 # --- end build constants ---
 
+# --- linked: replaced by vrack.factory.firmware_payload ---
+OTA_VERIFY_SOURCE = None
+# --- end linked ---
+
 PROMPT = "cart> "
 STATE_IDLE = 2
 BENCH_PERIOD_NS = 1_000_000
 BENCH_MAX_LINES = 100_000
+BENCH_MQTT_PERIOD_S = 0.005
+BENCH_MQTT_MAX = 10_000
 RTC_FORMAT = "%Y-%m-%dT%H:%M:%SZ"
+
+# the OTA agent
+ENDPOINT_KEY = "mqtt_endpoint" if FAULTS.get("no_broker") else "mqtt"
+REQUEST_TIMEOUT_S = 5.0          # a jobs request waits this long for accepted/rejected
+PROGRESS_TIMEOUT_S = 2.0         # ... a progress report (not worth holding a download for)
+REPORT_TRIES = 3                 # an important report is sent up to this many times without a reply
+SUBACK_TIMEOUT_S = 5.0
+PUBACK_TIMEOUT_S = 10.0
+RECONNECT_MIN_S, RECONNECT_MAX_S = 0.1, 2.0
+KEEPALIVE_S = 30
+EARLY_REPORT_WAIT_S = 5.0        # early_success: how long the boot waits for the premature report
+UNREACHABLE_REPEAT_S = 10.0      # the same "broker unreachable" reason is not repeated more often
+DOWNLOAD_READ_TIMEOUT_S = 6.0    # per read: a silent link counts as dropped after this
+DOWNLOAD_CHUNK = 16384           # per read: about ten progress lines for an image of ~200 KB
+DOWNLOAD_MAX_STALE = 8           # attempts in a row without a byte of progress, then FAILED
+DOWNLOAD_BACKOFF_S = (0.1, 0.2, 0.4, 0.8, 1.0)
+URL_MAX = 2048
+JOB_ID_RE = re.compile(r"[a-zA-Z0-9_-]{1,64}")
+THING_RE = re.compile(r"[a-zA-Z0-9:_-]{1,128}")
+SHA256_HEX_RE = re.compile(r"[0-9a-fA-F]{64}")
+ROLLBACK_METRIC = "firmware_rollback_count"
+ONLINE_METRIC = "agent_online"
+TERMINAL = ("SUCCEEDED", "FAILED", "REJECTED", "REMOVED", "CANCELED", "TIMED_OUT")
+ENDED_CODES = ("InvalidStateTransition", "TerminalStateReached", "ResourceNotFound")
 
 
 def main(hal):
@@ -46,9 +94,23 @@ class Firmware:
         self.hal = hal
         self.console = hal.console
         self.calibration = {}
+        self.out_lock = threading.RLock()  # all console output of the firmware
+        self.at_prompt = False
+        self.settings = None
+        self.settings_reason = "not read"
+        self.agent = None
+        self._trial_lock = threading.Lock()
+        self._trial = {"self_test": False, "reported": False, "done": False}
 
-    def say(self, line):
-        self.console.write_line(line)
+    def say(self, line, reprompt=True):
+        """One console line. While the prompt shows, the line goes after a line break and the
+        prompt is written again (`reprompt=False`: not, because a reset follows)."""
+        with self.out_lock:
+            if self.at_prompt:
+                self.console.write("\r\n" + line + "\r\n" + (PROMPT if reprompt else ""))
+                self.at_prompt = reprompt
+            else:
+                self.console.write_line(line)
 
     # --- boot --------------------------------------------------------------------------------
 
@@ -57,6 +119,10 @@ class Firmware:
         self.say(f"FW: {FW_FAMILY} {FW_VERSION} starting slot={hal.booted_slot}")
         if FAULTS.get("crash_at_boot"):
             raise RuntimeError("fault build: crash at boot")
+        self.settings, self.settings_reason = read_settings(hal)
+        if self.settings is not None and hal.mode == "trial" and FAULTS.get("early_success"):
+            self.start_agent()  # the defect: the agent reports before the cart has shown it works
+            self.agent.trial_reported.wait(EARLY_REPORT_WAIT_S)
         for sensor in hal.sensors:
             self.init_sensor(sensor)
         failure = self.self_test()
@@ -68,10 +134,36 @@ class Firmware:
         else:
             self.say("FW: self-test ok")
             if hal.mode == "trial":
-                confirm_trial(hal)
+                if self.settings is None:
+                    confirm_trial(hal, self.say)  # nothing to phone home to
+                else:
+                    self.trial_step(self_test=True, from_main=True)
+        if self.settings is None:
+            self.say(f"OTA: no fleet settings ({self.settings_reason})")
+        else:
+            self.start_agent()
         hal.set_state(STATE_IDLE)
         self.say("FW: ready")
         self.shell()
+
+    def start_agent(self):
+        if self.agent is None:
+            self.agent = Agent(self, self.settings)
+            self.agent.start()
+
+    def trial_step(self, self_test=False, reported=False, from_main=False):
+        """A trial boot is marked good once its self-test passed AND its job was reported."""
+        with self._trial_lock:
+            t = self._trial
+            t["self_test"] = t["self_test"] or self_test
+            t["reported"] = t["reported"] or reported
+            go = t["self_test"] and t["reported"] and not t["done"]
+            if go:
+                t["done"] = True
+        if go:
+            confirm_trial(self.hal, self.say)
+            if from_main and self.agent is not None:
+                self.agent.kick()
 
     def init_sensor(self, sensor):
         calibration = None if FAULTS.get("crash_on_sensor") == sensor.name else {"offset": 0.0, "gain": 1.0}
@@ -86,8 +178,13 @@ class Firmware:
         for sensor in self.hal.sensors:
             if not math.isfinite(sensor.read()):
                 return f"sensor {sensor.name} reads non-finite"
-        if parse_image_or_none(self.read_slot(self.hal.booted_slot)) is None:
+        own = self.read_slot(self.hal.booted_slot)
+        image = parse_image_or_none(own)
+        if image is None:
             return f"own slot {self.hal.booted_slot} does not verify"
+        failure = check_build_checksum(own[IMG_HEADER.size:IMG_HEADER.size + image["payload_size"]])
+        if failure:
+            return failure
         if self.hal.clock.now().tzinfo is None:
             return "rtc has no timezone"
         return None
@@ -96,11 +193,16 @@ class Firmware:
 
     def shell(self):
         while True:
-            self.console.write(PROMPT)
+            with self.out_lock:
+                if not self.at_prompt:
+                    self.console.write(PROMPT)
+                    self.at_prompt = True
             line = self.console.read_line(None)
             if line is None:
                 continue
-            self.console.write_line(line)  # echo
+            with self.out_lock:
+                self.at_prompt = False
+                self.console.write_line(line)  # echo
             self.handle(line.strip())
 
     def handle(self, line):
@@ -111,6 +213,11 @@ class Firmware:
             self.say(f"version {FW_VERSION}")
         elif words == ["slot", "status"]:
             self.slot_status()
+        elif words == ["slot", "hash"]:
+            for slot in ("A", "B"):
+                self.say(f"slot {slot} sha256={hashlib.sha256(self.read_slot(slot)).hexdigest()}")
+        elif words == ["ota", "status"]:
+            self.ota_status()
         elif words == ["rtc", "get"]:
             self.say("rtc " + self.hal.clock.now().strftime(RTC_FORMAT))
         elif len(words) == 3 and words[:2] == ["rtc", "set"]:
@@ -125,6 +232,8 @@ class Firmware:
             self.trust_list()
         elif len(words) == 3 and words[:2] == ["bench", "lines"]:
             self.bench_lines(words[2])
+        elif len(words) == 3 and words[:2] == ["bench", "mqtt"]:
+            self.bench_mqtt(words[2])
         else:
             self.say(f"error: unknown command '{line}'")
 
@@ -133,11 +242,19 @@ class Firmware:
         bcb = hal.bcb.read()
         confirmed = "yes" if bcb.confirmed and hal.booted_slot == bcb.active else "no"
         self.say(f"slot active={bcb.active} booted={hal.booted_slot} pending={bcb.pending or '-'} "
-                 f"tries={bcb.tries} confirmed={confirmed}")
+                 f"tries={bcb.tries} confirmed={confirmed} boots={bcb.boot_count} rollbacks={bcb.rollback_count}")
         for slot in ("A", "B"):
             image = parse_image_or_none(self.read_slot(slot))
             version = image["version"] if image else "-"
             self.say(f"slot {slot} fw={version} valid={'yes' if image else 'no'}")
+
+    def ota_status(self):
+        agent = self.agent
+        if agent is None:
+            self.say("ota state=idle broker=none thing=-")
+            return
+        broker = "connected" if agent.connected.is_set() else "disconnected"
+        self.say(f"ota state={agent.state} broker={broker} thing={agent.thing}")
 
     def trust_list(self):
         """The CAs in the trust store, each with the SHA-256 of its certificate (DER), or '-' if empty."""
@@ -170,18 +287,776 @@ class Firmware:
                 time.sleep(delay / 1e9)
             self.say(f"bench {i} {time.monotonic_ns()}")
 
+    def bench_mqtt(self, text):
+        """N telemetry messages 5 ms apart, each stamped with time.monotonic_ns() when published."""
+        if not text.isdigit() or not 0 < int(text) <= BENCH_MQTT_MAX:
+            self.say(f"error: bad count '{text}' (want 1..{BENCH_MQTT_MAX})")
+            return
+        agent = self.agent
+        if agent is None:
+            self.say(f"error: no fleet settings ({self.settings_reason})")
+            return
+        if not agent.connected.is_set():
+            self.say("error: not connected to the broker")
+            return
+        n = int(text)
+        start = time.monotonic()
+        for i in range(n):
+            delay = start + i * BENCH_MQTT_PERIOD_S - time.monotonic()
+            if delay > 0:
+                time.sleep(delay)
+            agent.publish_metric({"metric": "bench", "value": 1, "i": i, "t_ns": time.monotonic_ns()})
+        self.say(f"bench mqtt done {n}")
+
     def read_slot(self, slot):
         flash = self.hal.flash
         return flash.read(flash.layout.slot_offset(slot), flash.slot_size)
 
 
-def confirm_trial(hal):
+def confirm_trial(hal, say=None):
     """Mark the trial slot good: the one place the firmware confirms an update."""
     if FAULTS.get("never_mark_good"):
         return
-    hal.console.write_line(f"FW: marking slot {hal.booted_slot} good")
+    say = say or hal.console.write_line
+    say(f"FW: marking slot {hal.booted_slot} good")
     hal.bcb.mark_good()
-    hal.console.write_line(f"FW: slot {hal.booted_slot} confirmed")
+    say(f"FW: slot {hal.booted_slot} confirmed")
+
+
+def check_build_checksum(payload):
+    """None if the payload's last line `# build-sha256 <hex>` is the SHA-256 of the bytes before
+    it, else "no build checksum" or "build checksum mismatch"."""
+    payload = bytes(payload)
+    if not payload.endswith(b"\n"):
+        return "no build checksum"
+    start = payload.rfind(b"\n", 0, len(payload) - 1) + 1
+    m = re.fullmatch(rb"# build-sha256 ([0-9a-f]{64})", payload[start:-1])
+    if m is None:
+        return "no build checksum"
+    if hashlib.sha256(payload[:start]).hexdigest().encode("ascii") != m.group(1):
+        return "build checksum mismatch"
+    return None
+
+
+# --- fleet settings (docs/interfaces.md, "Fleet settings") -------------------------------------
+
+SETTINGS_MAGIC = b"CSET"
+SETTINGS_HEAD = struct.Struct("<4sHHII")  # magic, version, reserved, body length, crc32(body)
+
+
+def read_settings(hal):
+    """(settings, None) or (None, reason), from the settings region of the flash."""
+    flash = hal.flash
+    layout = flash.layout
+    size = getattr(layout, "settings_size", 2 * flash.page_size)
+    try:
+        raw = flash.read(layout.settings_offset, size)
+    except Exception as exc:
+        return None, f"unreadable: {type(exc).__name__}"
+    return parse_settings(raw)
+
+
+def parse_settings(raw):
+    """(settings, None) or (None, reason): this firmware's own bounds-checked reader."""
+    import zlib
+
+    raw = bytes(raw)
+    if len(raw) < SETTINGS_HEAD.size:
+        return None, "too short"
+    magic, version, _reserved, length, crc = SETTINGS_HEAD.unpack_from(raw, 0)
+    if magic == b"\xff\xff\xff\xff":
+        return None, "erased"
+    if magic != SETTINGS_MAGIC:
+        return None, "bad magic"
+    if version != 1:
+        return None, "bad version"
+    body = raw[SETTINGS_HEAD.size:SETTINGS_HEAD.size + length]
+    if len(body) != length:
+        return None, "bad size"
+    if zlib.crc32(body) != crc:
+        return None, "bad crc"
+    try:
+        settings = json.loads(body.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        return None, "bad body"
+    if not isinstance(settings, dict):
+        return None, "bad body"
+    thing = settings.get("thing")
+    if not isinstance(thing, str) or not THING_RE.fullmatch(thing):
+        return None, "bad thing"
+    if endpoint_of(settings, "mqtt") is None:
+        return None, "bad mqtt"
+    return settings, None
+
+
+def endpoint_of(settings, key):
+    """settings[key] if it is a usable MQTT endpoint {host, port, ca, cert, key}, else None."""
+    ep = settings.get(key)
+    if not isinstance(ep, dict):
+        return None
+    host, port = ep.get("host"), ep.get("port")
+    if not isinstance(host, str) or not 0 < len(host) <= 253 or any(c.isspace() or c in "/@" for c in host):
+        return None
+    if type(port) is not int or not 0 < port < 65536:
+        return None
+    if not all(isinstance(ep.get(k), str) and ep.get(k) for k in ("ca", "cert", "key")):
+        return None
+    return ep
+
+
+# --- the job document --------------------------------------------------------------------------
+
+
+def check_job_document(doc):
+    """(the document's fields, None) or (None, the first malformed field)."""
+    from urllib.parse import urlsplit
+
+    if not isinstance(doc, dict):
+        return None, "operation"
+    if not isinstance(doc.get("operation"), str) or doc["operation"] != "ota":
+        return None, "operation"
+    version = doc.get("target_version")
+    if not isinstance(version, str) or len(version) > 32 or not IMG_VERSION_RE.fullmatch(version):
+        return None, "target_version"
+    url = doc.get("url")
+    if not isinstance(url, str) or not 0 < len(url) <= URL_MAX or not url.isascii() or any(
+            c <= " " or c == "\x7f" for c in url):
+        return None, "url"
+    try:
+        parts = urlsplit(url)
+        _ = parts.port  # raises on a bad port
+    except ValueError:
+        return None, "url"
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        return None, "url"
+    sha = doc.get("sha256")
+    if not isinstance(sha, str) or not SHA256_HEX_RE.fullmatch(sha):
+        return None, "sha256"
+    size = doc.get("size")
+    if type(size) is not int or not 0 < size < 2**32:
+        return None, "size"
+    return {"target_version": version, "url": url, "sha256": sha.lower(), "size": size}, None
+
+
+def job_id_of(execution):
+    if not isinstance(execution, dict):
+        return None
+    job_id = execution.get("jobId")
+    return job_id if isinstance(job_id, str) and JOB_ID_RE.fullmatch(job_id) else None
+
+
+def clean_text(text, limit):
+    """Printable text for a console line or a statusDetails value (no control characters)."""
+    text = "".join("?" if unicodedata.category(c)[0] == "C" else c for c in str(text)[:limit])
+    return text
+
+
+def describe(exc):
+    text = str(exc)
+    return clean_text(f"{type(exc).__name__}: {text}" if text else type(exc).__name__, 200)
+
+
+# --- the device-side verifier, linked in as source ---------------------------------------------
+
+_VERIFIER = []
+_VERIFIER_MODULE = "_cart_fw_ota_verify"
+
+
+def load_verifier():
+    """The linked verifier (vrack/ota_verify.py) as a module of its own (dataclasses need one)."""
+    if _VERIFIER:
+        return _VERIFIER[0]
+    if OTA_VERIFY_SOURCE is None:
+        raise RuntimeError("no verifier linked into this build")
+    import types
+
+    module = types.ModuleType(_VERIFIER_MODULE)
+    module.__file__ = "<linked ota_verify>"
+    sys.modules[_VERIFIER_MODULE] = module
+    try:
+        exec(compile(OTA_VERIFY_SOURCE, "<linked ota_verify>", "exec"), module.__dict__)
+    except BaseException:
+        sys.modules.pop(_VERIFIER_MODULE, None)
+        raise
+    _VERIFIER.append(module)
+    return module
+
+
+# --- the OTA agent -----------------------------------------------------------------------------
+
+
+class JobEnd(Exception):
+    """The job ends here: status REJECTED or FAILED with a reason (status None: the service ended it)."""
+
+    def __init__(self, status, reason):
+        super().__init__(reason)
+        self.status = status
+        self.reason = reason
+
+
+class UrlExpired(Exception):
+    pass
+
+
+class HttpStatus(Exception):
+    def __init__(self, code):
+        super().__init__(f"HTTP {code}")
+        self.code = code
+
+
+class Agent:
+    """The OTA agent: one worker thread (jobs, downloads, writes) and paho's network thread."""
+
+    def __init__(self, fw, settings):
+        self.fw = fw
+        self.hal = fw.hal
+        self.say = fw.say
+        self.thing = settings["thing"]
+        self.endpoint = endpoint_of(settings, ENDPOINT_KEY)
+        self.base = f"$aws/things/{self.thing}/jobs/"
+        self.telemetry_topic = f"cart-hil/telemetry/{self.thing}"
+        self.boot_id = f"{self.thing}-{self.hal.bcb.read().boot_count}"
+        self.state = "idle"
+        self.client = None
+        self.connected = threading.Event()
+        self.events = queue.Queue()
+        self._cond = threading.Condition()
+        self._replies = {}   # clientToken -> None while waiting, then (accepted|rejected, payload)
+        self._subacks = set()
+        self._tokens = itertools.count(1)
+        self._token_prefix = os.urandom(4).hex()
+        self._last_connect_error = None
+        self._unreachable_said = (None, 0.0)
+        self.boot_tasks_done = False
+        self.record_said = False
+        self.metric_said = False
+        self.rollback_info = None
+        self.trial_done = self.hal.mode != "trial"
+        self.trial_reported = threading.Event()
+
+    # --- lifecycle -------------------------------------------------------------------------------
+
+    def start(self):
+        threading.Thread(target=self._main, name="ota-agent", daemon=True).start()
+
+    def kick(self):
+        self.events.put(("kick", None))
+
+    def _main(self):
+        if self.endpoint is None:
+            self.say(f"OTA: broker unreachable: no endpoint in the fleet settings (key {ENDPOINT_KEY!r})")
+            return
+        try:
+            self.client = self._make_client()
+            self.client.connect_async(self.endpoint["host"], self.endpoint["port"], keepalive=KEEPALIVE_S)
+            self.client.loop_start()
+        except Exception as exc:
+            traceback.print_exc(file=sys.stderr)
+            self.say(f"OTA: broker unreachable: {describe(exc)}")
+            return
+        while True:
+            kind, data = self.events.get()
+            try:
+                if kind == "connected":
+                    self._on_connected(data)
+                elif kind == "notify-next":
+                    if isinstance(data.get("execution"), dict) and self._may_take_jobs():
+                        self._take_jobs()
+                elif kind == "kick" and self._may_take_jobs():
+                    self._take_jobs()
+            except Exception:  # the agent must outlive its own bugs: the shell keeps working
+                traceback.print_exc(file=sys.stderr)
+                self.state = "idle"
+
+    def _make_client(self):
+        import ssl
+        import tempfile
+
+        import paho.mqtt.client as mqtt
+
+        agent = self
+
+        class Client(mqtt.Client):
+            def reconnect(self):
+                try:
+                    return super().reconnect()
+                except Exception as exc:
+                    agent._last_connect_error = exc
+                    raise
+
+        ep = self.endpoint
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        ctx.load_verify_locations(cadata=ep["ca"])
+        fd, path = tempfile.mkstemp(prefix="cart-tls-", suffix=".pem")  # mode 0600
+        try:
+            with os.fdopen(fd, "w") as f:
+                f.write(ep["cert"].rstrip("\n") + "\n" + ep["key"])
+            ctx.load_cert_chain(path)
+        finally:
+            os.unlink(path)
+        client = Client(mqtt.CallbackAPIVersion.VERSION2, client_id=self.thing, protocol=mqtt.MQTTv311,
+                        clean_session=True)
+        client.tls_set_context(ctx)
+        client.suppress_exceptions = True  # a bug in a callback must not end the network thread
+        client.reconnect_delay_set(RECONNECT_MIN_S, RECONNECT_MAX_S)
+        client.connect_timeout = REQUEST_TIMEOUT_S
+        client.on_connect = self._on_connect
+        client.on_connect_fail = self._on_connect_fail
+        client.on_disconnect = self._on_disconnect
+        client.on_message = self._on_message
+        client.on_subscribe = self._on_subscribe
+        return client
+
+    # --- paho callbacks (network thread) ---------------------------------------------------------
+
+    def _on_connect(self, client, userdata, flags, reason_code, properties):
+        if reason_code.is_failure:
+            self._unreachable(f"refused: {reason_code}")
+            return
+        self._unreachable_said = (None, 0.0)
+        self.say(f"OTA: connected broker={self.endpoint['host']}:{self.endpoint['port']} thing={self.thing}")
+        b = self.base
+        topics = [b + "notify-next", b + "start-next/accepted", b + "start-next/rejected", b + "+/get/accepted",
+                  b + "+/get/rejected", b + "+/update/accepted", b + "+/update/rejected"]
+        _, mid = client.subscribe([(t, 1) for t in topics])
+        self.connected.set()
+        self.events.put(("connected", mid))
+
+    def _on_connect_fail(self, client, userdata):
+        exc = self._last_connect_error
+        self._unreachable(describe(exc) if exc is not None else "connection failed")
+
+    def _on_disconnect(self, client, userdata, flags, reason_code, properties):
+        if self.connected.is_set():
+            self.connected.clear()
+            with self._cond:
+                self._cond.notify_all()
+            self.say(f"OTA: connection lost: {reason_code}")
+        else:
+            self._unreachable(f"dropped before CONNACK: {reason_code}")
+
+    def _unreachable(self, why):
+        last, when = self._unreachable_said
+        now = time.monotonic()
+        if why != last or now - when >= UNREACHABLE_REPEAT_S:
+            self._unreachable_said = (why, now)
+            self.say(f"OTA: broker unreachable: {why}")
+
+    def _on_subscribe(self, client, userdata, mid, reason_codes, properties):
+        with self._cond:
+            self._subacks.add(mid)
+            self._cond.notify_all()
+
+    def _on_message(self, client, userdata, msg):
+        if not msg.topic.startswith(self.base):
+            return
+        try:
+            payload = json.loads(msg.payload.decode("utf-8"))
+        except Exception:  # not JSON: ignored
+            return
+        if not isinstance(payload, dict):
+            return
+        rest = msg.topic[len(self.base):]
+        if rest == "notify-next":
+            self.events.put(("notify-next", payload))
+            return
+        outcome = rest.rsplit("/", 1)[-1]
+        token = payload.get("clientToken")
+        if outcome in ("accepted", "rejected") and isinstance(token, str):
+            with self._cond:
+                if token in self._replies and self._replies[token] is None:
+                    self._replies[token] = (outcome, payload)
+                    self._cond.notify_all()
+
+    # --- requests --------------------------------------------------------------------------------
+
+    def request(self, suffix, body=None, timeout=REQUEST_TIMEOUT_S):
+        """Publish a jobs request with a fresh clientToken; (accepted|rejected, reply) or (None, None)."""
+        deadline = time.monotonic() + timeout
+        if not self.connected.wait(timeout):
+            return None, None
+        token = f"{self._token_prefix}-{next(self._tokens)}"
+        with self._cond:
+            self._replies[token] = None
+        try:
+            payload = json.dumps({**(body or {}), "clientToken": token}, separators=(",", ":"))
+            self.client.publish(self.base + suffix, payload, qos=1)
+            with self._cond:
+                while self._replies.get(token) is None:
+                    left = deadline - time.monotonic()
+                    if left <= 0 or not self.connected.is_set():  # a lost connection loses the reply
+                        return None, None
+                    self._cond.wait(left)
+                return self._replies[token]
+        finally:
+            with self._cond:
+                self._replies.pop(token, None)
+
+    def request_retry(self, suffix, body=None, tries=REPORT_TRIES, timeout=REQUEST_TIMEOUT_S):
+        for _ in range(tries):
+            outcome, reply = self.request(suffix, body, timeout)
+            if outcome is not None:
+                return outcome, reply
+        return None, None
+
+    def update(self, job_id, status, details, tries=REPORT_TRIES, timeout=REQUEST_TIMEOUT_S):
+        """`{job_id}/update`; a rejection that shows the execution already at `status` (a retried
+        report whose first reply was lost) counts as accepted."""
+        clean = {}
+        for k, v in details.items():
+            v = clean_text(v, 1024)
+            if v:
+                clean[k] = v
+        outcome, reply = self.request_retry(f"{job_id}/update", {"status": status, "statusDetails": clean}, tries,
+                                            timeout)
+        if outcome == "rejected":
+            state = reply.get("executionState")
+            if isinstance(state, dict) and state.get("status") == status:
+                return "accepted", reply
+        return outcome, reply
+
+    def publish_metric(self, fields):
+        """Publish one telemetry event (QoS 1); its message info, or None when not connected.
+        paho resends an unacknowledged one after a reconnect (same message, same info)."""
+        if not self.connected.is_set():
+            return None
+        body = {"thing": self.thing, **fields}
+        info = self.client.publish(self.telemetry_topic, json.dumps(body, separators=(",", ":")), qos=1)
+        return info if info.rc == 0 else None
+
+    @staticmethod
+    def wait_puback(info, timeout):
+        try:
+            info.wait_for_publish(timeout)
+            return info.is_published()
+        except (RuntimeError, ValueError):
+            return False
+
+    # --- after each connection -------------------------------------------------------------------
+
+    def _on_connected(self, mid):
+        deadline = time.monotonic() + SUBACK_TIMEOUT_S
+        with self._cond:
+            while mid not in self._subacks and self.connected.is_set():
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                self._cond.wait(left)
+        if not self.connected.is_set():
+            return
+        if not self.boot_tasks_done:
+            if not self._rollback_record():
+                return  # again on the next connection
+            info = self.publish_metric({"metric": ONLINE_METRIC, "value": 1, "boot_id": self.boot_id,
+                                        "fw_version": FW_VERSION})
+            if info is None or not self.wait_puback(info, PUBACK_TIMEOUT_S):
+                return
+            self.boot_tasks_done = True
+        if not self.trial_done and not self._report_trial():
+            return
+        if self._may_take_jobs():
+            self._take_jobs()
+
+    def _rollback_record(self):
+        """Publish the rollback the bootloader recorded, report its job FAILED, clear the record."""
+        bcb = self.hal.bcb.read()
+        if bcb.rollback_slot is None and not bcb.rollback_version:
+            if not self.record_said:
+                self.record_said = True
+                self.say("OTA: rollback record none")
+            return True
+        version = bcb.rollback_version
+        if not self.record_said:
+            self.record_said = True
+            self.say(f"OTA: rollback record slot={bcb.rollback_slot or '-'} fw={version or '-'}")
+        if self.rollback_info is None:  # once per boot: an unacknowledged one is resent by paho
+            self.rollback_info = self.publish_metric({"metric": ROLLBACK_METRIC, "target_version": version,
+                                                      "value": 1, "boot_id": self.boot_id})
+            if self.rollback_info is None:
+                return False
+        if not self.wait_puback(self.rollback_info, PUBACK_TIMEOUT_S):
+            return False
+        if not self.metric_said:
+            self.metric_said = True
+            self.say(f"OTA: metric {ROLLBACK_METRIC} target={version or '-'} published")
+        if version:
+            self._report_rolled_back(version)
+        self.hal.bcb.clear_rollback()
+        return True
+
+    def _report_rolled_back(self, version):
+        outcome, reply = self.request_retry("$next/get", {"includeJobDocument": True})
+        if outcome != "accepted":
+            return
+        ex = reply.get("execution")
+        job_id = job_id_of(ex)
+        if job_id is None or ex.get("status") != "IN_PROGRESS":
+            return
+        doc = ex.get("jobDocument")
+        if not isinstance(doc, dict) or doc.get("target_version") != version:
+            return
+        outcome, _ = self.update(job_id, "FAILED", {"reason": "rolled back", "rolled_back_version": version,
+                                                    "version": FW_VERSION})
+        if outcome == "accepted":
+            self.say(f"OTA: job {job_id} reported FAILED: rolled back from {version}")
+
+    def _report_trial(self):
+        """In a trial boot: report the job that brought this version SUCCEEDED, then mark good."""
+        while True:
+            if not self.connected.is_set():
+                return False
+            outcome, reply = self.request("$next/get", {"includeJobDocument": True})
+            if outcome is not None:
+                break
+        ex = reply.get("execution") if outcome == "accepted" else None
+        job_id = job_id_of(ex)
+        doc = ex.get("jobDocument") if job_id else None
+        if job_id and ex.get("status") == "IN_PROGRESS" and isinstance(doc, dict) and \
+                doc.get("target_version") == FW_VERSION:
+            if FAULTS.get("never_mark_good") and not FAULTS.get("early_success"):
+                self.trial_done = True  # the defect: it never reports, so it never confirms
+                return True
+            while True:
+                outcome, reply = self.update(job_id, "SUCCEEDED", {"step": "done", "version": FW_VERSION}, tries=1)
+                if outcome is not None:
+                    break
+                if not self.connected.is_set():
+                    return False
+            if outcome == "accepted":
+                self.say(f"OTA: trial fw={FW_VERSION} reported SUCCEEDED job={job_id}")
+            else:
+                code = clean_text(reply.get("code", "?"), 64)
+                self.say(f"OTA: trial fw={FW_VERSION} report rejected job={job_id}: {code}")
+        else:
+            self.say(f"OTA: trial fw={FW_VERSION} no job to report")
+        self.trial_done = True
+        self.trial_reported.set()
+        self.fw.trial_step(reported=True)
+        return True
+
+    def _may_take_jobs(self):
+        if self.state != "idle" or not self.trial_done or not self.connected.is_set():
+            return False
+        if self.hal.mode != "trial":
+            return True
+        bcb = self.hal.bcb.read()  # a trial boot takes new jobs only once it is confirmed
+        return bcb.confirmed and bcb.active == self.hal.booted_slot and bcb.pending is None
+
+    def _take_jobs(self):
+        last = None
+        while self.connected.is_set():
+            outcome, reply = self.request("start-next", {})
+            if outcome != "accepted":
+                return
+            ex = reply.get("execution")
+            job_id = job_id_of(ex)
+            if job_id is None or job_id == last:
+                return
+            last = job_id
+            self.run_job(job_id, ex.get("jobDocument"))
+            self._drain_notifications()
+
+    def _drain_notifications(self):
+        keep = []
+        while True:
+            try:
+                item = self.events.get_nowait()
+            except queue.Empty:
+                break
+            if item[0] != "notify-next":
+                keep.append(item)
+        for item in keep:
+            self.events.put(item)
+
+    # --- one job ---------------------------------------------------------------------------------
+
+    def run_job(self, job_id, document):
+        """Handle one execution to its end: REJECTED/FAILED reported, or a reset into the trial."""
+        try:
+            self._job(job_id, document)
+        except JobEnd as end:
+            self._finish(job_id, end.status, end.reason)
+        except Exception as exc:
+            traceback.print_exc(file=sys.stderr)
+            self._finish(job_id, "FAILED", f"internal error: {describe(exc)}")
+        finally:
+            self.state = "idle"
+
+    def _finish(self, job_id, status, reason):
+        reason = clean_text(reason, 1024) or "unknown"
+        if status is None:
+            self.say(f"OTA: job {job_id} ended by the service: {reason[:200]}")
+            return
+        self.update(job_id, status, {"reason": reason})
+        word = "rejected" if status == "REJECTED" else "failed"
+        self.say(f"OTA: {word} job={job_id}: {reason[:200]}")
+
+    def _progress(self, job_id, step, progress):
+        outcome, reply = self.update(job_id, "IN_PROGRESS", {"step": step, "progress": progress}, tries=1,
+                                     timeout=PROGRESS_TIMEOUT_S)
+        if outcome == "rejected" and reply.get("code") in ENDED_CODES:
+            state = reply.get("executionState")
+            status = state.get("status") if isinstance(state, dict) else None
+            raise JobEnd(None, clean_text(status or reply.get("code"), 64))
+
+    def _job(self, job_id, document):
+        hal = self.hal
+        doc, field = check_job_document(document)
+        if doc is None:
+            raise JobEnd("REJECTED", f"malformed job document: {field}")
+        size, version = doc["size"], doc["target_version"]
+        if size > hal.flash.slot_size:
+            raise JobEnd("REJECTED", f"image too large: {size} > slot {hal.flash.slot_size}")
+        self.say(f"OTA: job {job_id} started target={version}")
+        self.state = "downloading"
+        self._progress(job_id, "download", "0%")
+        image = self._download(job_id, doc)
+        self.state = "verifying"
+        self._progress(job_id, "verify", "0%")
+        verdict = self._verify(image)
+        if not verdict.ok:
+            raise JobEnd("REJECTED", verdict.reason)
+        if verdict.manifest["firmware_version"] != version:
+            raise JobEnd("REJECTED", "target version mismatch")
+        self.say(f"OTA: verify ok fw={version} ca={verdict.ca}")
+        self.state = "writing"
+        self._progress(job_id, "write", "0%")
+        slot = self._write(image)
+        try:
+            hal.bcb.set_pending(slot, tries=1)
+        except Exception as exc:
+            raise JobEnd("FAILED", f"write failed: {describe(exc)}") from None
+        self.update(job_id, "IN_PROGRESS", {"step": "self-test", "target_version": version})
+        self.state = "rebooting"
+        self.say(f"OTA: trial armed slot={slot} fw={version}, rebooting", reprompt=False)
+        hal.reset()
+
+    def _verify(self, image):
+        hal = self.hal
+        layout = hal.flash.layout
+        cas, _ = parse_trust(hal.flash.read(layout.trust_offset, layout.trust_size))
+        pems = {ca["name"]: ca["pem"] for ca in cas or []}
+        return load_verifier().verify_update(
+            bytes(image), trust_store_pems=pems, hardware_revision=str(hal.config.get("hardware_revision", "")),
+            running_version=FW_VERSION, now=int(hal.clock.now().timestamp()), security_counter=0)
+
+    def _write(self, image):
+        """The image into the inactive slot, page by page, read back; returns the slot."""
+        hal = self.hal
+        flash = hal.flash
+        slot = "B" if hal.booted_slot == "A" else "A"
+        page = flash.page_size
+        first = flash.layout.slot_first_page(slot)
+        n = -(-len(image) // page)
+        marks = {-(-n * k // 10) for k in range(1, 11)}
+        try:
+            for i in range(n):
+                flash.write_page(first + i, bytes(image[i * page:(i + 1) * page]))
+                if i + 1 in marks:
+                    self.say(f"OTA: write {i + 1}/{n} pages slot={slot}")
+            readback = flash.read(flash.layout.slot_offset(slot), len(image))
+        except Exception as exc:
+            raise JobEnd("FAILED", f"write failed: {describe(exc)}") from None
+        digest = hashlib.sha256(readback).hexdigest()
+        if digest != hashlib.sha256(image).hexdigest():
+            raise JobEnd("FAILED", "write failed: readback mismatch")
+        self.say(f"OTA: write done slot={slot} sha256={digest}")
+        return slot
+
+    # --- download --------------------------------------------------------------------------------
+
+    def _download(self, job_id, doc):
+        """The image at the document's URL, resumed with Range after a drop; checked against the
+        document's size and SHA-256."""
+        import urllib.request
+
+        opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+        size = doc["size"]
+        url = doc["url"]
+        buf = bytearray()
+        stale = 0
+        shown = [0]  # tenths of the size already shown on the console
+        while len(buf) < size:
+            before = len(buf)
+            why = None
+            try:
+                self._fetch(opener, url, buf, size, shown, job_id)
+                if len(buf) < size:
+                    why = f"connection closed at {len(buf)} of {size} bytes"
+            except UrlExpired:
+                self.say(f"OTA: url expired at {len(buf)}, fetching the job document again")
+                url = self._fresh_url(job_id) or url
+            except HttpStatus as exc:
+                if exc.code == 416:
+                    raise JobEnd("REJECTED", "download size mismatch") from None
+                if exc.code < 500:
+                    raise JobEnd("FAILED", f"download failed: HTTP {exc.code}") from None
+                why = f"HTTP {exc.code}"
+            except JobEnd:
+                raise
+            except Exception as exc:  # dropped, reset, timed out, a broken response
+                why = describe(exc)
+            stale = 0 if len(buf) > before else stale + 1
+            if stale >= DOWNLOAD_MAX_STALE:
+                raise JobEnd("FAILED", f"download incomplete: {len(buf)} of {size} bytes")
+            if why is not None:
+                time.sleep(DOWNLOAD_BACKOFF_S[min(stale, len(DOWNLOAD_BACKOFF_S) - 1)])
+                self.say(f"OTA: download resumed at {len(buf)}: {why}")
+        digest = hashlib.sha256(buf).hexdigest()
+        if digest != doc["sha256"]:
+            raise JobEnd("REJECTED", "download hash mismatch")
+        self.say(f"OTA: download done {size} bytes sha256={digest}")
+        return bytes(buf)
+
+    def _fetch(self, opener, url, buf, size, shown, job_id):
+        """One GET from len(buf) on (Range), appending to buf until the response ends."""
+        import urllib.error
+        import urllib.request
+
+        headers = {"Range": f"bytes={len(buf)}-"} if buf else {}
+        try:
+            resp = opener.open(urllib.request.Request(url, headers=headers),
+                               timeout=DOWNLOAD_READ_TIMEOUT_S)
+        except urllib.error.HTTPError as exc:
+            exc.close()
+            if exc.code == 403:
+                raise UrlExpired() from None
+            raise HttpStatus(exc.code) from None
+        with resp:
+            if resp.status == 206:
+                m = re.fullmatch(r"bytes (\d+)-(\d+)/(\d+|\*)", resp.headers.get("Content-Range", "").strip())
+                if m is None or int(m.group(1)) != len(buf):
+                    raise ValueError("unexpected Content-Range")
+            elif resp.status == 200:
+                del buf[:]  # the server ignored the range: from the start
+            else:
+                raise HttpStatus(resp.status)
+            while True:
+                chunk = resp.read1(min(DOWNLOAD_CHUNK, size + 1 - len(buf)))
+                if not chunk:
+                    return
+                buf += chunk
+                if len(buf) > size:
+                    raise JobEnd("REJECTED", "download size mismatch")
+                tenth = len(buf) * 10 // size
+                if tenth > shown[0]:
+                    half = shown[0] < 5 <= tenth
+                    shown[0] = tenth
+                    self.say(f"OTA: download {len(buf)}/{size}")
+                    if half:
+                        self._progress(job_id, "download", "50%")
+
+    def _fresh_url(self, job_id):
+        outcome, reply = self.request_retry(f"{job_id}/get", {"includeJobDocument": True}, tries=2)
+        if outcome != "accepted":
+            return None
+        ex = reply.get("execution")
+        if isinstance(ex, dict) and ex.get("status") in TERMINAL:
+            raise JobEnd(None, clean_text(ex["status"], 64))
+        doc, field = check_job_document(ex.get("jobDocument") if isinstance(ex, dict) else None)
+        if doc is None:
+            raise JobEnd("REJECTED", f"malformed job document: {field}")
+        return doc["url"]
 
 
 # --- the firmware's own image parser (image format v1, docs/image-format.md) -----------------
