@@ -1,6 +1,7 @@
 """`hil`: the cart-hil command.
 
-    hil smoke [--rig R] [--cart ID]... [--tag T]... [-n N]   the rack smoke suite (the gate's job so far)
+    hil gate [--rig R] [--cart ID]... [--tag T]... [-n N]    the release gate so far: smoke, signed update, rollback
+    hil smoke [--rig R] [--cart ID]... [--tag T]... [-n N]   the rack smoke suite
     hil test [PYTEST ARGS]                                     lint + the project's own tests + the suites
     hil rig check RIG                                          validate a rig file and its carts
     hil rack up [RIG]                                          run a virtual rig's rack in the foreground
@@ -29,6 +30,12 @@ def _pytest(args: list[str]) -> int:
     return subprocess.call(cmd, cwd=ROOT)
 
 
+SUITES = {
+    "smoke": ["test_suites/test_rack_smoke.py"],
+    "gate": ["test_suites/test_rack_smoke.py", "test_suites/test_signed_update.py", "test_suites/test_rollback.py"],
+}
+
+
 def cmd_smoke(a: argparse.Namespace) -> int:
     try:
         rig = Rig.load(a.rig)
@@ -38,8 +45,8 @@ def cmd_smoke(a: argparse.Namespace) -> int:
         return 2
     n = a.workers or max(1, len(slots))
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    out = ROOT / "reports" / "smoke" / stamp
-    args = ["test_suites/test_rack_smoke.py", "--rig", str(rig.path), "-n", str(n),
+    out = ROOT / "reports" / a.cmd / stamp
+    args = [*SUITES[a.cmd], "--rig", str(rig.path), "-n", str(n),
             f"--junitxml={out / 'junit.xml'}", f"--alluredir={out / 'allure-results'}", "-q",
             "-p", "no:hypothesispytest"]  # a dev-only plugin the suites never use
     for c in a.cart:
@@ -47,7 +54,7 @@ def cmd_smoke(a: argparse.Namespace) -> int:
     for t in a.tag:
         args += ["--tag", t]
     rc = _pytest(args + a.pytest_args)
-    print(f"hil smoke: {'PASS' if rc == 0 else 'FAIL'} ({len(slots)} carts on {rig.name}); reports in {out}")
+    print(f"hil {a.cmd}: {'PASS' if rc == 0 else 'FAIL'} ({len(slots)} carts on {rig.name}); reports in {out}")
     return rc
 
 
@@ -97,13 +104,15 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="hil", description="cart-hil: hardware-in-the-loop OTA release gate")
     sub = ap.add_subparsers(dest="cmd", required=True)
 
-    s = sub.add_parser("smoke", help="run the rack smoke suite on the selected carts")
-    s.add_argument("--rig", type=Path, default=DEFAULT_RIG)
-    s.add_argument("--cart", action="append", default=[])
-    s.add_argument("--tag", action="append", default=[])
-    s.add_argument("-n", "--workers", type=int, default=0, help="parallel workers (default: one per cart)")
-    s.add_argument("pytest_args", nargs=argparse.REMAINDER)
-    s.set_defaults(fn=cmd_smoke)
+    for name, text in (("gate", "the release gate so far: smoke, signed update and rollback suites"),
+                       ("smoke", "run the rack smoke suite on the selected carts")):
+        s = sub.add_parser(name, help=text)
+        s.add_argument("--rig", type=Path, default=DEFAULT_RIG)
+        s.add_argument("--cart", action="append", default=[])
+        s.add_argument("--tag", action="append", default=[])
+        s.add_argument("-n", "--workers", type=int, default=0, help="parallel workers (default: one per cart)")
+        s.add_argument("pytest_args", nargs=argparse.REMAINDER)
+        s.set_defaults(fn=cmd_smoke)
 
     t = sub.add_parser("test", help="lint, then run the project's tests and suites")
     t.add_argument("pytest_args", nargs=argparse.REMAINDER)

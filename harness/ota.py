@@ -268,11 +268,20 @@ class UpdateOutcome:
     console: str = ""
 
     @property
+    def statuses(self) -> list[str]:
+        """The execution's statuses in order, repeats (progress reports) folded."""
+        out: list[str] = []
+        for h in self.history:
+            if not out or out[-1] != h["new"]:
+                out.append(h["new"])
+        return out
+
+    @property
     def reason(self) -> str:
         return self.details.get("reason", "")
 
     def describe(self) -> str:
-        hist = " -> ".join(f"{h['new_status']}" for h in self.history) or "(no status change)"
+        hist = " -> ".join(self.statuses) or "(no status change)"
         return (f"{self.cart}: job {self.job_id} to {self.target_version}: {self.outcome} (status {self.status}, "
                 f"details {self.details})\n  statuses: {hist}\n  before: {self.before.brief()}\n"
                 f"  after:  {self.after.brief()}\n  boots during the update: {self.boots or 'none'}\n"
@@ -382,7 +391,7 @@ class UpdateRun:
             attach("slot status before", self.before.brief())
         self.tele_mark = fleet.telemetry.mark()
         self.console_start = cart.console.mark()
-        self.events: dict[str, list[tuple[float, str]]] = {}
+        self._seen: dict[str, list[tuple[int, float, str]]] = {}  # key -> (line index, t_mono, text)
         self._cond = threading.Condition()
         self._listeners = []
         profile = cart.profile.patterns
@@ -409,18 +418,29 @@ class UpdateRun:
     def _on_line(self, key: str) -> Callable[[Line, re.Match], None]:
         def cb(line: Line, _m: re.Match) -> None:
             with self._cond:
-                self.events.setdefault(key, []).append((line.t_mono, line.text))
+                self._seen.setdefault(key, []).append((line.index, line.t_mono, line.text))
                 self._cond.notify_all()
         return cb
 
-    def wait_event(self, key: str, timeout: float, *, after: float = 0.0, what: str | None = None) -> tuple[float, str]:
-        """Wait for a console event of this run (a profile pattern key) later than `after`."""
+    @property
+    def events(self) -> dict[str, list[tuple[float, str]]]:
+        """Console events of this run so far: profile pattern key -> [(t_mono, line)]."""
+        with self._cond:
+            return {k: [(t, text) for _, t, text in v] for k, v in self._seen.items()}
+
+    def wait_event(self, key: str, timeout: float, *, after: float = 0.0, after_line: int = -1,
+                   what: str | None = None) -> tuple[float, str]:
+        """Wait for a console event of this run (a profile pattern key) received later than `after`
+        (monotonic time) and on a later console line than `after_line`."""
+        return self._wait(key, timeout, after, after_line, what)[1:]
+
+    def _wait(self, key: str, timeout: float, after: float, after_line: int, what: str | None):
         deadline = time.monotonic() + timeout
         with self._cond:
             while True:
-                for t, text in self.events.get(key, ()):
-                    if t > after:
-                        return t, text
+                for i, t, text in self._seen.get(key, ()):
+                    if t > after and i > after_line:
+                        return i, t, text
                 left = deadline - time.monotonic()
                 if left <= 0:
                     raise OtaError(f"{self.cart.id}: no {what or key!r} line within {timeout:.1f} s "
@@ -431,9 +451,9 @@ class UpdateRun:
         deadline = time.monotonic() + timeout
         with self._cond:
             while True:
-                hits = [(t, k, text) for k in keys for t, text in self.events.get(k, ()) if t > after]
+                hits = [(i, t, k, text) for k in keys for i, t, text in self._seen.get(k, ()) if t > after]
                 if hits:
-                    t, k, text = min(hits)
+                    _, t, k, text = min(hits)
                     return k, t, text
                 left = deadline - time.monotonic()
                 if left <= 0:
@@ -472,11 +492,14 @@ class UpdateRun:
                 outcome = "rolled-back"
             if outcome in ("rolled-back", "succeeded-but-rolled-back"):
                 with step(f"{cart.id}: rollback: wait for the old firmware to report it"):
+                    i_rb, _, _ = self._wait("rollback", left(), 0.0, -1, "the bootloader's rollback line")
+                    _, t_boot, _ = self._wait("banner", left(), 0.0, i_rb, "the boot after the rollback")
+                    # the agent's "online" event of that boot comes after anything else the boot publishes
                     fleet.telemetry.wait_metric(ONLINE_METRIC, thing=cart.id, since=self.tele_mark,
-                                                predicate=lambda e: e.t > self._last("banner"), timeout=left())
+                                                predicate=lambda e: e.t > t_boot, timeout=left())
             if self.events.get("banner"):
                 # the cart rebooted during the update: it must be at its shell again before we ask it anything
-                self.wait_event("ready", left(), after=self._last("banner"), what="firmware ready after the last boot")
+                self._wait("ready", left(), 0.0, self._last_line("banner"), "firmware ready after the last boot")
             with step(f"{cart.id}: state after the update"):
                 after = cart.slot_status()
                 hashes_after = cart.slot_hashes()
@@ -491,22 +514,22 @@ class UpdateRun:
             cart=cart.id, job_id=self.job_id, target_version=self.target_version, status=status, details=details,
             outcome=outcome, before=self.before, after=after, hashes_before=self.hashes_before,
             hashes_after=hashes_after, boots=[text for _, text in self.events.get("banner", [])],
-            rollback_metric=metric, events=dict(self.events), timings=self._timings(t_end), history=history,
+            rollback_metric=metric, events=self.events, timings=self._timings(t_end), history=history,
             console=cart.console.slice_text(self.console_start))
         attach("update outcome", {"outcome": outcome, "status": status, "details": details,
                                   "timings_s": result.timings, "rollback_metric": metric, "history": history,
                                   "image_requests": [r.as_dict() for r in fleet.images.requests(self.job_id)]})
         return result
 
-    def _last(self, key: str) -> float:
+    def _last_line(self, key: str) -> int:
         with self._cond:
-            ev = self.events.get(key)
-            return ev[-1][0] if ev else 0.0
+            ev = self._seen.get(key)
+            return ev[-1][0] if ev else -1
 
     def _first(self, key: str) -> float | None:
         with self._cond:
-            ev = self.events.get(key)
-            return ev[0][0] if ev else None
+            ev = self._seen.get(key)
+            return ev[0][1] if ev else None
 
     def _timings(self, t_end: float) -> dict[str, float]:
         """Phases from console timestamps: queued→started, download, verify, write, trial boot, confirm."""

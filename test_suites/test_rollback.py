@@ -1,0 +1,75 @@
+"""Observable rollback, on every cart: a release that cannot confirm itself is taken back by the
+bootloader on its own, and every rollback shows up in `firmware_rollback_count` (by target
+version) exactly once — a channel apart from job status, because the jobs protocol has no
+"rolled back after SUCCEEDED".
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from harness.ota import ONLINE_METRIC, OtaError, bump, corrupt_before_signing
+
+
+def crash_sensor(cart) -> dict:
+    """A sensor driver that crashes at init: the sensor is one this cart's configuration has."""
+    return {"crash_on_sensor": cart.config.sensors[-1]}
+
+
+FAULT_BUILDS = [
+    pytest.param(crash_sensor, "crash", id="crash-on-own-sensor"),
+    pytest.param({"crash_at_boot": True}, "crash", id="crash-at-boot"),
+    pytest.param({"never_mark_good": True}, "watchdog", id="never-marks-good"),
+    pytest.param({"no_broker": True}, "watchdog", id="cannot-reach-broker"),
+    pytest.param({"self_test_fail": True}, "self_test_failed", id="self-test-fails"),
+]
+
+
+@pytest.mark.parametrize(("faults", "symptom"), FAULT_BUILDS)
+def test_fault_build_is_rolled_back_and_counted_once(cart, ota, faults, symptom):
+    running = cart.power_on().version
+    target = bump(running, patch=1)
+    faults = faults(cart) if callable(faults) else faults
+    out = ota.update(ota.image(target, faults=faults)).expect_rolled_back()
+    assert out.status == "FAILED" and out.details.get("rolled_back_version") == target, out.details
+    assert out.events.get(symptom), f"expected the trial to end by {symptom}\n{out.describe()}"
+    trial = [b for b in out.boots if "mode=trial" in b]
+    assert len(trial) == 1 and f"fw={target}" in trial[0], out.boots
+    assert cart.version() == running
+
+
+def test_succeeded_then_rolled_back_is_flagged(cart, ota):
+    """The build reports SUCCEEDED before its self-test, then fails it: job status says success,
+    the cart went back. The harness must call that a failure."""
+    running = cart.power_on().version
+    target = bump(running, patch=1)
+    out = ota.update(ota.image(target, faults={"early_success": True, "self_test_fail": True}))
+    assert out.status == "SUCCEEDED"
+    with pytest.raises(OtaError, match="job SUCCEEDED but .* rolled back"):
+        out.expect_confirmed()
+    out.expect_rolled_back(succeeded_first=True)
+    assert cart.version() == running
+
+
+def test_image_corrupted_before_signing_boots_fails_self_test_and_rolls_back(cart, ota):
+    running = cart.power_on().version
+    target = bump(running, patch=1)
+    out = ota.update(ota.image(target, payload_edit=corrupt_before_signing)).expect_rolled_back()
+    reasons = [text for _, text in out.events.get("self_test_failed", [])]
+    assert reasons and "build checksum mismatch" in reasons[0], reasons
+    assert cart.version() == running
+
+
+def test_plain_power_cycle_never_raises_the_metric(cart, fleet):
+    fleet.serve(cart.id)
+    rollback = cart.pattern("rollback")
+    for _ in range(2):
+        mark = fleet.telemetry.mark()
+        start = cart.console.mark()
+        cart.power_cycle()
+        # the agent's "online" event comes after anything else the boot publishes
+        online = fleet.telemetry.wait_metric(ONLINE_METRIC, thing=cart.id, since=mark, timeout=30)
+        assert fleet.telemetry.rollback_count(thing=cart.id, since=mark) == 0, online
+        assert not [x.text for x in cart.console.lines(start) if rollback.search(x.text)]
+    status = cart.slot_status()
+    assert status.pending is None and status.confirmed

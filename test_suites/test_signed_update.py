@@ -1,0 +1,177 @@
+"""Signed OTA update, on every cart: a release travels as a job, is verified on the cart before
+anything is written, lands in the inactive slot, is tried once and confirms itself.
+
+Every negative case asserts the specific reason the cart gave, that both slots are byte for byte
+what they were (`slot hash`), that boot control is unchanged and that the cart did not reboot.
+Versions are relative to what the cart runs when the test starts, so the tests do not depend on
+each other's order.
+"""
+
+from __future__ import annotations
+
+import time
+from urllib.parse import parse_qs, urlparse
+
+import pytest
+
+from harness import pki
+from harness.ota import DELETE, bump
+
+
+def range_start(r) -> int:
+    """Where a served request began in the image (0 without a Range header)."""
+    if not r.range or not r.range.startswith("bytes=") or r.range.startswith("bytes=-"):
+        return 0
+    return int(r.range[6:].split("-", 1)[0] or 0)
+
+
+def lower(version: str) -> str:
+    major, minor, patch = (int(x) for x in version.split("."))
+    return f"{major}.{minor}.{patch - 1}" if patch else f"{major}.{minor - 1}.9"
+
+
+def test_happy_path(cart, ota, fleet):
+    running = cart.power_on().version
+    target = bump(running, patch=1)
+    out = ota.update(ota.image(target)).expect_confirmed()
+    assert cart.version() == target
+    assert out.statuses == ["QUEUED", "IN_PROGRESS", "SUCCEEDED"], out.describe()
+    assert fleet.telemetry.rollback_count(target, cart.id) == 0
+
+
+def test_three_updates_back_to_back(cart, ota):
+    running = cart.power_on().version
+    slots = []
+    for _ in range(3):
+        target = bump(running, patch=1)
+        out = ota.update(ota.image(target)).expect_confirmed()
+        slots.append(out.after.active)
+        running = target
+    assert cart.version() == running
+    assert slots[0] != slots[1] != slots[2], f"each update goes to the other slot: {slots}"
+
+
+# (id, signing options relative to the running version, expected reason)
+IMAGE_DEFECTS = [
+    ("unsigned", {"tamper": "unsigned"}, "unsigned"),
+    ("untrusted-signer", {"signer": pki.signer_of(pki.ROGUE_ROOT)}, "untrusted signer"),
+    ("corrupted-signature", {"tamper": "bad-signature"}, "bad signature"),
+    ("payload-changed-after-signing", {"tamper": "payload-after-signing"}, "payload hash mismatch"),
+    ("manifest-changed-after-signing", {"tamper": "manifest-after-signing"}, "bad signature"),
+    ("payload-size-mismatch", {"tamper": "size-mismatch"}, "size mismatch"),
+    ("payload-hash-tlv-mismatch", {"tamper": "hash-mismatch"}, "payload hash mismatch"),
+    ("version-tlv-mismatch", {"tamper": "version-mismatch"}, "manifest mismatch"),
+    ("no-signer-chain", {"tamper": "no-certs"}, "untrusted signer"),
+    ("truncated-image", {"tamper": "truncated"}, "malformed*"),
+    ("wrong-hardware", {"hardware": ["rev-z"]}, "wrong hardware"),
+    ("expired", {"issued": 1_600_000_000, "expires": 1_700_000_000}, "expired"),
+    ("not-yet-valid", {"issued": int(time.time()) + 30 * 86400, "expires": int(time.time()) + 60 * 86400},
+     "not yet valid"),
+]
+
+
+@pytest.mark.parametrize(("sign", "reason"), [pytest.param(s, r, id=i) for i, s, r in IMAGE_DEFECTS])
+def test_defective_image_is_rejected(cart, ota, sign, reason):
+    target = bump(cart.power_on().version, patch=1)
+    ota.update(ota.image(target, **sign), target_version=target).expect_rejected(reason)
+
+
+def test_same_version_is_rejected(cart, ota):
+    running = cart.power_on().version
+    ota.update(ota.image(running)).expect_rejected("same version")
+
+
+def test_lower_version_is_rejected(cart, ota):
+    running = cart.power_on().version
+    ota.update(ota.image(lower(running))).expect_rejected("lower version")
+
+
+@pytest.mark.parametrize(("field", "value", "reason"), [
+    pytest.param("size", "+1", "download size mismatch", id="size-mismatch"),
+    pytest.param("sha256", "0" * 64, "download hash mismatch", id="hash-mismatch"),
+])
+def test_document_disagrees_with_download(cart, ota, field, value, reason):
+    target = bump(cart.power_on().version, patch=1)
+    image = ota.image(target)
+    doc = {field: len(image) + 1 if value == "+1" else value}
+    ota.update(image, document=doc).expect_rejected(reason)
+
+
+MALFORMED_DOCUMENTS = [
+    ("no-url", {"image_id": DELETE, "sha256": "ab" * 32, "size": 1000}, "malformed job document: url"),
+    ("url-not-http", {"url": "file:///etc/passwd"}, "malformed job document: url"),
+    ("version-not-a-string", {"target_version": 160}, "malformed job document: target_version"),
+    ("version-huge", {"target_version": "1." * 3000 + "0"}, "malformed job document: target_version"),
+    ("sha256-not-hex", {"sha256": "xyz"}, "malformed job document: sha256"),
+    ("size-negative", {"size": -5}, "malformed job document: size"),
+    ("size-not-a-number", {"size": "lots"}, "malformed job document: size"),
+    ("unknown-operation", {"operation": "format-flash"}, "malformed job document: operation"),
+]
+
+
+@pytest.mark.parametrize(("doc", "reason"), [pytest.param(d, r, id=i) for i, d, r in MALFORMED_DOCUMENTS])
+def test_malformed_job_document_is_rejected(cart, ota, doc, reason):
+    target = bump(cart.power_on().version, patch=1)
+    ota.update(ota.image(target), document=doc, target_version=target).expect_rejected(reason)
+
+
+def test_truncated_download_fails_and_writes_nothing(cart, ota, fleet):
+    """The connection drops at the same offset on every attempt: the cart must give up with the
+    bytes it has, not write a partial image."""
+    target = bump(cart.power_on().version, patch=1)
+    image = ota.image(target)
+    fleet.images.stall_after(len(image) // 2, once=False, hold_s=0.05)
+    try:
+        out = ota.update(image).expect_failed("download incomplete*")
+    finally:
+        fleet.images.stall_after(None)
+    assert f"{len(image) // 2} of {len(image)}" in out.reason, out.reason
+
+
+def _expires(url: str) -> int:
+    return int(parse_qs(urlparse(url).query)["expires"][0])
+
+
+def test_url_expired_mid_download_fetches_document_again(cart, ota, fleet):
+    target = bump(cart.power_on().version, patch=1)
+    image = ota.image(target)
+    fleet.images.stall_after(len(image) // 2, hold_s=30)
+    run = ota.start(image, url_ttl_s=2)
+    try:
+        fleet.images.wait_stalled(timeout=run.budget)
+        first_url = fleet.jobs.document_fetches(run.job_id)[-1]["url"]
+        # the URL's own deadline, then a second for the service's clock to pass it (not a guess: a bound)
+        while time.time() <= _expires(first_url) + 1:
+            time.sleep(0.1)
+        fleet.images.release()
+    finally:
+        fleet.images.stall_after(None)
+    out = run.wait().expect_confirmed()
+    served = fleet.images.requests(run.job_id)
+    assert any(r.status == 403 and r.reason == "expired" for r in served), [r.as_dict() for r in served]
+    fetches = fleet.jobs.document_fetches(run.job_id, cart.id)
+    assert [f["operation"] for f in fetches].count("describe") >= 1, fetches
+    assert out.events.get("ota_url_expired"), "the cart did not say it fetched the document again"
+    resumed = [r for r in served if r.status == 206 and range_start(r) > 0]
+    assert resumed, f"no download resumed with Range after the new URL: {[r.as_dict() for r in served]}"
+
+
+def test_broker_connection_lost_mid_download_resumes(cart, ota, fleet):
+    target = bump(cart.power_on().version, patch=1)
+    image = ota.image(target)
+    fleet.images.stall_after(len(image) // 2, hold_s=30)
+    run = ota.start(image)
+    try:
+        fleet.images.wait_stalled(timeout=run.budget)
+        t_kick = time.monotonic()
+        fleet.kick(cart.id)  # another client takes over the cart's MQTT session: the broker drops the cart
+        run.wait_event("ota_connected", timeout=15, after=t_kick, what="the cart reconnecting to the broker")
+        fleet.images.release()  # ... and the stalled HTTP connection drops too
+    finally:
+        fleet.images.stall_after(None)
+    out = run.wait().expect_confirmed()
+    served = fleet.images.requests(run.job_id)
+    resumed = [r for r in served if range_start(r) > 0]
+    assert resumed, f"the download started over instead of resuming: {[r.as_dict() for r in served]}"
+    assert sum(r.bytes_sent for r in served if r.method == "GET") < 1.6 * len(image), [r.as_dict() for r in served]
+    assert out.events.get("ota_download_resumed")
