@@ -137,7 +137,7 @@ class CartSocket:
         stamp = self.flash.with_suffix(".factory")
         build = hashlib.sha256(image).hexdigest()
         old = stamp.read_text().strip() if stamp.exists() else None
-        if self.flash.exists() and old != build:
+        if self.flash.exists() and old is not None and old != build:  # a flash without a stamp is kept as is
             print(f"vrack: slot {self.slot.number} ({self.cart.id}): the factory firmware changed since its flash "
                   "was provisioned: re-provisioned", file=sys.stderr, flush=True)
             self.flash.unlink()

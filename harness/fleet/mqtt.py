@@ -282,6 +282,8 @@ class MqttClient:
             raise MqttError(f"cannot connect to MQTT broker {self.host}:{self.port} as {self.client_id}: {e}") from e
         self._client.loop_start()
         self._settled.wait(max(0.0, timeout - (time.monotonic() - t0)))
+        if not self._connected.is_set() and self._connack is not None and not self._connack.is_failure:
+            self._connected.wait(max(0.0, timeout - (time.monotonic() - t0)))  # re-subscribing
         if not self._connected.is_set():
             reason = self._connack if self._connack is not None else self._disconnect_reason
             self._shutdown()
@@ -338,8 +340,8 @@ class MqttClient:
             with contextlib.suppress(OSError, AttributeError):
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self._connack = reason_code
-        self._settled.set()
         if reason_code.is_failure:
+            self._settled.set()
             log.warning("MQTT %s:%s refused %s: %s", self.host, self.port, self.client_id, reason_code)
             return
         with self._lock:
@@ -348,8 +350,11 @@ class MqttClient:
                 rc, mid = client.subscribe(subs)
                 if rc == paho.MQTT_ERR_SUCCESS and mid is not None:
                     self._resubscribe_mid = mid
+                    self._settled.set()
                     return
+        # "connected" before "settled": connect() wakes on settled and must then see connected
         self._connected.set()
+        self._settled.set()
 
     def _on_disconnect(self, client, userdata, flags, reason_code, properties):
         self._disconnect_reason = reason_code
