@@ -42,6 +42,7 @@ import hashlib
 import json
 import re
 import struct
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -49,6 +50,7 @@ from cryptography import x509
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.utils import CryptographyDeprecationWarning
 from cryptography.x509.oid import ExtendedKeyUsageOID
 from cryptography.x509.verification import (
     Criticality,
@@ -408,8 +410,12 @@ def _load_certs(ders: list[bytes]) -> list[x509.Certificate]:
         if not 0 < len(der) <= CERT_MAX:
             raise _malformed("cert size")
         try:
-            certs.append(x509.load_der_x509_certificate(der))
-        except _CERT_ERRORS:
+            # what cryptography only warns about today (a non-positive serial, RFC 5280) it will refuse
+            # tomorrow: refuse it now, so the verdict does not change with a library upgrade
+            with warnings.catch_warnings():
+                warnings.simplefilter("error", CryptographyDeprecationWarning)
+                certs.append(x509.load_der_x509_certificate(der))
+        except (*_CERT_ERRORS, CryptographyDeprecationWarning):
             raise _malformed("cert") from None
     return certs
 
