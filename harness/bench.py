@@ -152,11 +152,11 @@ def update_timings(bench, rig: Rig, fleet, out_dir: Path) -> dict:
     per_cart: dict[str, dict] = {}
     errors: dict[str, str] = {}
 
+    images: dict[str, tuple[object, bytes]] = {}
+
     def one(cart) -> None:
         try:
-            ota = make(cart)
-            target = bump(cart.power_on().version, patch=1)
-            image = ota.image(target)
+            ota, image = images[cart.id]
             t = time.monotonic()
             out = ota.update(image).expect_confirmed()
             per_cart[cart.id] = out.timings | {"wall_s": round(time.monotonic() - t, 3), "image_bytes": len(image)}
@@ -164,8 +164,14 @@ def update_timings(bench, rig: Rig, fleet, out_dir: Path) -> dict:
             errors[cart.id] = str(exc).splitlines()[0]
 
     def parallel(cs) -> float:
-        for c in cs:  # power on and build first: the figure is the update, not the boot
-            c.power_on()
+        mark = fleet.telemetry.mark()
+        for c in cs:  # boot first: the figure is the update of an idle, connected cart, not its power-on
+            c.power_cycle()
+        for c in cs:  # ... nor the build and the signing of its image
+            fleet.serve(c.id)
+            fleet.telemetry.wait_metric("agent_online", thing=c.id, since=mark, timeout=30)
+            ota = make(c)
+            images[c.id] = (ota, ota.image(bump(c.version(), patch=1)))
         t = time.monotonic()
         threads = [threading.Thread(target=one, args=(c,)) for c in cs]
         for th in threads:
@@ -176,6 +182,8 @@ def update_timings(bench, rig: Rig, fleet, out_dir: Path) -> dict:
 
     ten = parallel(carts)
     ten_cart = dict(per_cart)
+    for c in carts:
+        c.power_off()
     slowest = max(ten_cart, key=lambda k: ten_cart[k].get("total", 0)) if ten_cart else carts[0].id
     per_cart.clear()
     alone = parallel([bench.cart(slowest)])

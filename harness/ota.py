@@ -111,7 +111,7 @@ class FirmwareBuilds:
         out = self.cache_dir / f"{slug}.img"
         if not out.exists():
             self.cache_dir.mkdir(parents=True, exist_ok=True)
-            tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+            tmp = out.with_name(f".{out.name}.{os.getpid()}-{threading.get_ident()}.tmp")
             argv: list[str] = []
             for word in self.argv:
                 if word == "{faults}":

@@ -522,6 +522,7 @@ class Agent:
         self.events = queue.Queue()
         self._cond = threading.Condition()
         self._replies = {}   # clientToken -> None while waiting, then (accepted|rejected, payload)
+        self._notified = 0   # notify-next messages with an execution received so far
         self._subacks = set()
         self._tokens = itertools.count(1)
         self._token_prefix = os.urandom(4).hex()
@@ -659,6 +660,10 @@ class Agent:
         rest = msg.topic[len(self.base):]
         if rest == "notify-next":
             self.events.put(("notify-next", payload))
+            if isinstance(payload.get("execution"), dict):
+                with self._cond:  # wakes a start-next that nobody may ever answer (see request)
+                    self._notified += 1
+                    self._cond.notify_all()
             return
         outcome = rest.rsplit("/", 1)[-1]
         token = payload.get("clientToken")
@@ -670,14 +675,17 @@ class Agent:
 
     # --- requests --------------------------------------------------------------------------------
 
-    def request(self, suffix, body=None, timeout=REQUEST_TIMEOUT_S):
-        """Publish a jobs request with a fresh clientToken; (accepted|rejected, reply) or (None, None)."""
+    def request(self, suffix, body=None, timeout=REQUEST_TIMEOUT_S, until_notified=False):
+        """Publish a jobs request with a fresh clientToken; (accepted|rejected, reply) or (None, None).
+        until_notified: give up as soon as a notify-next with an execution arrives (a start-next sent
+        before the service listened for this thing is never answered; the notification is the news)."""
         deadline = time.monotonic() + timeout
         if not self.connected.wait(timeout):
             return None, None
         token = f"{self._token_prefix}-{next(self._tokens)}"
         with self._cond:
             self._replies[token] = None
+            notified = self._notified
         try:
             payload = json.dumps({**(body or {}), "clientToken": token}, separators=(",", ":"))
             self.client.publish(self.base + suffix, payload, qos=1)
@@ -685,6 +693,8 @@ class Agent:
                 while self._replies.get(token) is None:
                     left = deadline - time.monotonic()
                     if left <= 0 or not self.connected.is_set():  # a lost connection loses the reply
+                        return None, None
+                    if until_notified and self._notified != notified:
                         return None, None
                     self._cond.wait(left)
                 return self._replies[token]
@@ -845,7 +855,7 @@ class Agent:
     def _take_jobs(self):
         last = None
         while self.connected.is_set():
-            outcome, reply = self.request("start-next", {})
+            outcome, reply = self.request("start-next", {}, until_notified=True)
             if outcome != "accepted":
                 return
             ex = reply.get("execution")
