@@ -248,6 +248,17 @@ def step(title: str) -> Iterator[None]:
 # ---------------------------------------------------------------- the update step
 
 
+def _checked(title: str):
+    """Run an outcome check as an Allure step named by `title` (formatted with the arguments)."""
+    def deco(fn):
+        def wrapper(self, *args, **kw):
+            with step(f"{self.cart}: check {title.format(*args, **kw)}"):
+                return fn(self, *args, **kw)
+        wrapper.__name__, wrapper.__doc__ = fn.__name__, fn.__doc__
+        return wrapper
+    return deco
+
+
 @dataclass
 class UpdateOutcome:
     cart: str
@@ -304,6 +315,7 @@ class UpdateOutcome:
         if self.rollback_metric:
             self._fail(f"{ROLLBACK_METRIC} rose although nothing was tried")
 
+    @_checked("confirmed: SUCCEEDED, the new slot active and confirmed, one trial boot, no rollback")
     def expect_confirmed(self) -> UpdateOutcome:
         """SUCCEEDED, the new version running from the other slot, active and confirmed, one trial
         boot and no other, no rollback counted."""
@@ -329,6 +341,7 @@ class UpdateOutcome:
             self._fail(f"{ROLLBACK_METRIC} rose on a confirmed update")
         return self
 
+    @_checked("rejected for {0!r}: nothing written, boot control unchanged, no reboot, no rollback counted")
     def expect_rejected(self, reason: str) -> UpdateOutcome:
         """REJECTED for exactly `reason` (a trailing '*' matches a prefix), nothing written, no reboot."""
         if self.outcome != "rejected":
@@ -339,6 +352,7 @@ class UpdateOutcome:
         self._unchanged()
         return self
 
+    @_checked("failed for {0!r}: nothing written, boot control unchanged, no reboot, no rollback counted")
     def expect_failed(self, reason: str) -> UpdateOutcome:
         if self.outcome != "failed":
             self._fail(f"expected the job to fail ({reason}), got {self.outcome}")
@@ -348,6 +362,7 @@ class UpdateOutcome:
         self._unchanged()
         return self
 
+    @_checked("rolled back by the bootloader, previous version running, counted once for the target version")
     def expect_rolled_back(self, *, succeeded_first: bool = False) -> UpdateOutcome:
         """The trial was not confirmed, the bootloader went back to the previous slot, the cart runs
         its previous version, and the rollback was counted exactly once for the target version."""

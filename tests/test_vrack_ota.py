@@ -16,6 +16,8 @@ import time
 import uuid
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from test_vrack_cart import VirtualCart, fast_config
 
 from harness import pki
@@ -620,3 +622,28 @@ def test_an_unexpected_error_in_a_job_is_reported_failed():
     assert reports == [("j1", "FAILED", {"reason": "internal error: KeyError: 'boom'"})]
     assert lines == ["OTA: failed job=j1: internal error: KeyError: 'boom'"] and agent.state == "idle"
     assert json.dumps(reports)
+
+
+_json = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=True) | st.text(max_size=200),
+    lambda children: st.lists(children, max_size=5) | st.dictionaries(st.text(max_size=20), children, max_size=6),
+    max_leaves=30)
+_fields = st.fixed_dictionaries({}, optional={
+    "operation": st.sampled_from(["ota", "OTA", ""]) | _json,
+    "target_version": st.from_regex(r"[0-9]{1,6}\.[0-9]{1,6}\.[0-9]{1,6}(-[a-z.]{0,14})?", fullmatch=True) | _json,
+    "url": st.text(max_size=3000).map(lambda t: "http://127.0.0.1:8/" + t) | _json,
+    "sha256": st.text(alphabet="0123456789abcdefABCDEF", min_size=60, max_size=66) | _json,
+    "size": st.integers(min_value=-2**70, max_value=2**70) | _json,
+})
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.one_of(_fields, _json))
+def test_any_job_document_is_accepted_or_refused_by_field_and_never_raises(doc):
+    ok, field = reference.check_job_document(doc)
+    assert (ok is None) != (field is None)
+    if ok is not None:
+        assert set(ok) == {"target_version", "url", "sha256", "size"}
+        assert 0 < ok["size"] < 2**32 and len(ok["sha256"]) == 64
+    else:
+        assert field in ("operation", "target_version", "url", "sha256", "size")
