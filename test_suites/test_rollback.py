@@ -6,6 +6,8 @@ version) exactly once — a channel apart from job status, because the jobs prot
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from harness.ota import ONLINE_METRIC, OtaError, bump, corrupt_before_signing
@@ -16,25 +18,33 @@ def crash_sensor(cart) -> dict:
     return {"crash_on_sensor": cart.config.sensors[-1]}
 
 
+# (faults, how the trial must end: a console event of the profile, and a line that says why)
 FAULT_BUILDS = [
-    pytest.param(crash_sensor, "crash", id="crash-on-own-sensor"),
-    pytest.param({"crash_at_boot": True}, "crash", id="crash-at-boot"),
-    pytest.param({"never_mark_good": True}, "watchdog", id="never-marks-good"),
-    pytest.param({"no_broker": True}, "watchdog", id="cannot-reach-broker"),
-    pytest.param({"self_test_fail": True}, "self_test_failed", id="self-test-fails"),
+    pytest.param(crash_sensor, "crash", r"BL: firmware crashed: TypeError", id="crash-on-own-sensor"),
+    pytest.param({"crash_at_boot": True}, "crash", r"BL: firmware crashed: RuntimeError: fault build: crash at boot",
+                 id="crash-at-boot"),
+    pytest.param({"never_mark_good": True}, "watchdog", r"BL: watchdog reset", id="never-marks-good"),
+    pytest.param({"no_broker": True}, "watchdog", r"OTA: broker unreachable: ", id="cannot-reach-broker"),
+    pytest.param({"self_test_fail": True}, "self_test_failed", r"FW: self-test failed: fault build: ",
+                 id="self-test-fails"),
 ]
 
 
-@pytest.mark.parametrize(("faults", "symptom"), FAULT_BUILDS)
-def test_fault_build_is_rolled_back_and_counted_once(cart, ota, faults, symptom):
+@pytest.mark.parametrize(("faults", "symptom", "why"), FAULT_BUILDS)
+def test_fault_build_is_rolled_back_and_counted_once(cart, ota, faults, symptom, why):
     running = cart.power_on().version
     target = bump(running, patch=1)
     faults = faults(cart) if callable(faults) else faults
     out = ota.update(ota.image(target, faults=faults)).expect_rolled_back()
     assert out.status == "FAILED" and out.details.get("rolled_back_version") == target, out.details
     assert out.events.get(symptom), f"expected the trial to end by {symptom}\n{out.describe()}"
-    trial = [b for b in out.boots if "mode=trial" in b]
-    assert len(trial) == 1 and f"fw={target}" in trial[0], out.boots
+    trial = out.console[out.console.index(f"fw={target} cfg={cart.id} mode=trial"):out.console.index("BL: rollback")]
+    assert re.search(why, trial), f"the trial of {target} did not show {why!r}:\n{trial}"
+    assert "marking slot" not in trial, "a fault build marked itself good"
+    if "crash_on_sensor" in faults:  # it crashed in that sensor's init, not later
+        assert f"FW: sensor {faults['crash_on_sensor']} ok" not in trial, trial
+    boots = [b for b in out.boots if "mode=trial" in b]
+    assert len(boots) == 1 and f"fw={target}" in boots[0], out.boots
     assert cart.version() == running
 
 
