@@ -277,6 +277,12 @@ class UpdateOutcome:
     timings: dict[str, float] = field(default_factory=dict)
     history: list[dict] = field(default_factory=list)
     console: str = ""
+    acknowledged: bool = False  # a test that meant to produce "succeeded-but-rolled-back" said so
+
+    @property
+    def hidden_rollback(self) -> bool:
+        """Job SUCCEEDED while the cart rolled back, and no test said it expected that."""
+        return self.outcome == "succeeded-but-rolled-back" and not self.acknowledged
 
     @property
     def statuses(self) -> list[str]:
@@ -369,6 +375,7 @@ class UpdateOutcome:
         want = "succeeded-but-rolled-back" if succeeded_first else "rolled-back"
         if self.outcome != want:
             self._fail(f"expected {want}, got {self.outcome}")
+        self.acknowledged = succeeded_first
         a, b = self.after, self.before
         if (a.active, a.booted, a.pending, a.confirmed) != (b.active, b.active, None, True):
             self._fail(f"expected the cart back on slot {b.active}, confirmed, nothing pending")
@@ -594,6 +601,7 @@ class CartOta:
         self.builds = builds
         self.signer = signer
         self.hardware = hardware  # what a release is signed for: every hardware revision of the rig
+        self.outcomes: list[UpdateOutcome] = []
 
     @property
     def ca(self) -> str:
@@ -620,7 +628,14 @@ class CartOta:
 
     def update(self, image: bytes | None, *, target_version: str | None = None, timeout: float | None = None,
                **kw) -> UpdateOutcome:
-        return self.start(image, target_version=target_version, **kw).wait(timeout)
+        out = self.start(image, target_version=target_version, **kw).wait(timeout)
+        self.outcomes.append(out)
+        return out
+
+    def hidden_rollbacks(self) -> list[UpdateOutcome]:
+        """Updates of this test whose job SUCCEEDED while the cart rolled back, unless the test said it
+        expected that (`expect_rolled_back(succeeded_first=True)`): the `ota` fixture fails the test."""
+        return [o for o in self.outcomes if o.hidden_rollback]
 
 
 def _image_version(image: bytes | None) -> str:

@@ -273,7 +273,12 @@ def ota(cart, fleet, firmware_builds, lab_pki, rig: Rig):
     from harness.ota import CartOta, Signer
 
     hardware = sorted({s.cart.hardware_revision for s in rig.slots})
-    return CartOta(cart, fleet, firmware_builds, Signer(lab_pki), hardware)
+    steps = CartOta(cart, fleet, firmware_builds, Signer(lab_pki), hardware)
+    yield steps
+    hidden = steps.hidden_rollbacks()
+    if hidden:  # job status said success while the cart went back: never a pass, checked or not
+        pytest.fail("job SUCCEEDED but the cart rolled back:\n" + "\n".join(o.describe() for o in hidden),
+                    pytrace=False)
 
 
 def _attach_console(item: pytest.Item, cart, start: int) -> None:
