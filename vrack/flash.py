@@ -295,11 +295,42 @@ class BootControl:
         return new
 
 
+# --- framed blobs: the trust store and the fleet settings --------------------------------------
+# Both regions hold: magic (4), version (2), a 16-bit field (trust: CA count; settings: 0), body
+# length (4), CRC-32 of the body (4), then the body, UTF-8 JSON (sorted keys, compact).
+
+_BLOB_HEAD = struct.Struct("<4sHHII")
+
+
+def _frame(magic: bytes, version: int, field: int, obj: object) -> bytes:
+    body = json.dumps(obj, sort_keys=True, separators=(",", ":")).encode("utf-8")
+    return _BLOB_HEAD.pack(magic, version, field, len(body), zlib.crc32(body)) + body
+
+
+def _unframe(raw: bytes, magic: bytes, version: int, error: type[Exception]) -> tuple[int, object]:
+    """(the 16-bit field, the decoded JSON body) of a framed blob; `error(reason)` on anything wrong."""
+    if len(raw) >= 4 and raw[:4] == b"\xff\xff\xff\xff":
+        raise error("erased")
+    if len(raw) < _BLOB_HEAD.size or raw[:4] != magic:
+        raise error("bad magic")
+    _, found_version, field, length, crc = _BLOB_HEAD.unpack_from(raw, 0)
+    if found_version != version:
+        raise error("bad version")
+    body = raw[_BLOB_HEAD.size : _BLOB_HEAD.size + length]
+    if len(body) != length:
+        raise error("bad size")
+    if zlib.crc32(body) != crc:
+        raise error("bad crc")
+    try:
+        return field, json.loads(body.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        raise error("bad body") from None
+
+
 # --- trust store -------------------------------------------------------------------------------
 
 TRUST_MAGIC = b"TRST"
 TRUST_VERSION = 1
-_TRUST_HEAD = struct.Struct("<4sHHII")  # magic, version, count, body length, crc32(body)
 
 
 class TrustError(ValueError):
@@ -308,28 +339,13 @@ class TrustError(ValueError):
 
 def encode_trust(cas: list[dict]) -> bytes:
     entries = [{"name": str(ca["name"]), "pem": str(ca.get("pem", ""))} for ca in cas]
-    body = json.dumps({"cas": entries}, sort_keys=True, separators=(",", ":")).encode("utf-8")
-    return _TRUST_HEAD.pack(TRUST_MAGIC, TRUST_VERSION, len(entries), len(body), zlib.crc32(body)) + body
+    return _frame(TRUST_MAGIC, TRUST_VERSION, len(entries), {"cas": entries})
 
 
 def decode_trust(raw: bytes) -> list[dict]:
     """The CA entries of a trust-store blob (bounds-checked; TrustError on anything wrong)."""
-    if len(raw) >= 4 and raw[:4] == b"\xff\xff\xff\xff":
-        raise TrustError("erased")
-    if len(raw) < _TRUST_HEAD.size or raw[:4] != TRUST_MAGIC:
-        raise TrustError("bad magic")
-    _, version, count, length, crc = _TRUST_HEAD.unpack_from(raw, 0)
-    if version != TRUST_VERSION:
-        raise TrustError("bad version")
-    body = raw[_TRUST_HEAD.size : _TRUST_HEAD.size + length]
-    if len(body) != length:
-        raise TrustError("bad size")
-    if zlib.crc32(body) != crc:
-        raise TrustError("bad crc")
-    try:
-        cas = json.loads(body.decode("utf-8"))["cas"]
-    except (UnicodeDecodeError, ValueError, KeyError, TypeError, RecursionError):
-        raise TrustError("bad body") from None
+    count, body = _unframe(raw, TRUST_MAGIC, TRUST_VERSION, TrustError)
+    cas = body.get("cas") if isinstance(body, dict) else None
     if not isinstance(cas, list) or len(cas) != count or not all(
             isinstance(c, dict) and isinstance(c.get("name"), str) and isinstance(c.get("pem"), str) for c in cas):
         raise TrustError("bad body")
@@ -341,7 +357,6 @@ def decode_trust(raw: bytes) -> list[dict]:
 SETTINGS_MAGIC = b"CSET"
 SETTINGS_VERSION = 1
 SETTINGS_MAX = SETTINGS_PAGES * 2048  # the settings region of the smallest page size: the blob must fit any cart
-_SETTINGS_HEAD = struct.Struct("<4sHHII")  # magic, version, reserved, body length, crc32(body)
 
 
 class SettingsError(ValueError):
@@ -349,10 +364,9 @@ class SettingsError(ValueError):
 
 
 def encode_settings(settings: dict) -> bytes:
-    """The settings-region blob of `settings` (JSON, sorted keys, compact); SettingsError if it
-    would not fit the settings region of the smallest page size (SETTINGS_MAX bytes)."""
-    body = json.dumps(settings, sort_keys=True, separators=(",", ":")).encode("utf-8")
-    blob = _SETTINGS_HEAD.pack(SETTINGS_MAGIC, SETTINGS_VERSION, 0, len(body), zlib.crc32(body)) + body
+    """The settings-region blob of `settings`; SettingsError if it would not fit the settings
+    region of the smallest page size (SETTINGS_MAX bytes)."""
+    blob = _frame(SETTINGS_MAGIC, SETTINGS_VERSION, 0, settings)
     if len(blob) > SETTINGS_MAX:
         raise SettingsError(f"fleet settings of {len(blob)} bytes do not fit the {SETTINGS_MAX}-byte settings region "
                             f"({SETTINGS_PAGES} pages of the smallest page size, 2048)")
@@ -361,22 +375,7 @@ def encode_settings(settings: dict) -> bytes:
 
 def decode_settings(raw: bytes) -> dict:
     """The settings in a settings-region blob (bounds-checked; SettingsError on anything wrong)."""
-    if len(raw) >= 4 and raw[:4] == b"\xff\xff\xff\xff":
-        raise SettingsError("erased")
-    if len(raw) < _SETTINGS_HEAD.size or raw[:4] != SETTINGS_MAGIC:
-        raise SettingsError("bad magic")
-    _, version, _reserved, length, crc = _SETTINGS_HEAD.unpack_from(raw, 0)
-    if version != SETTINGS_VERSION:
-        raise SettingsError("bad version")
-    body = raw[_SETTINGS_HEAD.size : _SETTINGS_HEAD.size + length]
-    if len(body) != length:
-        raise SettingsError("bad size")
-    if zlib.crc32(body) != crc:
-        raise SettingsError("bad crc")
-    try:
-        settings = json.loads(body.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError, RecursionError):
-        raise SettingsError("bad body") from None
+    _, settings = _unframe(raw, SETTINGS_MAGIC, SETTINGS_VERSION, SettingsError)
     if not isinstance(settings, dict):
         raise SettingsError("bad body")
     return settings

@@ -341,44 +341,50 @@ def check_build_checksum(payload):
 # --- fleet settings (docs/interfaces.md, "Fleet settings") -------------------------------------
 
 SETTINGS_MAGIC = b"CSET"
-SETTINGS_HEAD = struct.Struct("<4sHHII")  # magic, version, reserved, body length, crc32(body)
+BLOB_HEAD = struct.Struct("<4sHHII")  # magic, version, count (trust) or 0 (settings), body length, crc32(body)
 
 
 def read_settings(hal):
     """(settings, None) or (None, reason), from the settings region of the flash."""
-    flash = hal.flash
-    layout = flash.layout
-    size = getattr(layout, "settings_size", 2 * flash.page_size)
+    layout = hal.flash.layout
     try:
-        raw = flash.read(layout.settings_offset, size)
+        raw = hal.flash.read(layout.settings_offset, layout.settings_size)
     except Exception as exc:
         return None, f"unreadable: {type(exc).__name__}"
     return parse_settings(raw)
 
 
-def parse_settings(raw):
-    """(settings, None) or (None, reason): this firmware's own bounds-checked reader."""
+def unframe(raw, magic):
+    """(16-bit field, decoded JSON body, None) or (None, None, reason): this firmware's own
+    bounds-checked reader of the framed blobs in flash (trust store, fleet settings)."""
     import zlib
 
     raw = bytes(raw)
-    if len(raw) < SETTINGS_HEAD.size:
-        return None, "too short"
-    magic, version, _reserved, length, crc = SETTINGS_HEAD.unpack_from(raw, 0)
-    if magic == b"\xff\xff\xff\xff":
-        return None, "erased"
-    if magic != SETTINGS_MAGIC:
-        return None, "bad magic"
+    if len(raw) < BLOB_HEAD.size:
+        return None, None, "too short"
+    found, version, field, length, crc = BLOB_HEAD.unpack_from(raw, 0)
+    if found == b"\xff\xff\xff\xff":
+        return None, None, "erased"
+    if found != magic:
+        return None, None, "bad magic"
     if version != 1:
-        return None, "bad version"
-    body = raw[SETTINGS_HEAD.size:SETTINGS_HEAD.size + length]
+        return None, None, "bad version"
+    body = raw[BLOB_HEAD.size:BLOB_HEAD.size + length]
     if len(body) != length:
-        return None, "bad size"
+        return None, None, "bad size"
     if zlib.crc32(body) != crc:
-        return None, "bad crc"
+        return None, None, "bad crc"
     try:
-        settings = json.loads(body.decode("utf-8"))
+        return field, json.loads(body.decode("utf-8")), None
     except (UnicodeDecodeError, ValueError, RecursionError):
-        return None, "bad body"
+        return None, None, "bad body"
+
+
+def parse_settings(raw):
+    """(settings, None) or (None, reason)."""
+    _, settings, reason = unframe(raw, SETTINGS_MAGIC)
+    if reason:
+        return None, reason
     if not isinstance(settings, dict):
         return None, "bad body"
     thing = settings.get("thing")
@@ -1144,27 +1150,14 @@ def parse_image(data):
 
 
 TRUST_MAGIC = b"TRST"
-TRUST_HEAD = struct.Struct("<4sHHII")  # magic, version, count, body length, crc32(body)
 
 
 def parse_trust(raw):
-    """(list of {"name", "pem"}, None) or (None, reason): this firmware's own bounds-checked reader."""
-    import zlib
-
-    if len(raw) < TRUST_HEAD.size:
-        return None, "too short"
-    magic, version, count, length, crc = TRUST_HEAD.unpack_from(raw, 0)
-    if magic == b"\xff\xff\xff\xff":
-        return None, "erased"
-    if magic != TRUST_MAGIC or version != 1:
-        return None, "bad magic"
-    body = raw[TRUST_HEAD.size:TRUST_HEAD.size + length]
-    if len(body) != length or zlib.crc32(body) != crc:
-        return None, "bad crc"
-    try:
-        cas = json.loads(body.decode("utf-8"))["cas"]
-    except (UnicodeDecodeError, ValueError, KeyError, TypeError, RecursionError):
-        return None, "bad body"
+    """(list of {"name", "pem"}, None) or (None, reason)."""
+    count, body, reason = unframe(raw, TRUST_MAGIC)
+    if reason:
+        return None, reason
+    cas = body.get("cas") if isinstance(body, dict) else None
     if not isinstance(cas, list) or len(cas) != count or not all(
             isinstance(c, dict) and isinstance(c.get("name"), str) and isinstance(c.get("pem"), str) for c in cas):
         return None, "bad body"
