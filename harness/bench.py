@@ -129,16 +129,11 @@ def mqtt_latency(cart, fleet, count: int) -> dict:
     return _stats_us(lat) | {"target_p99_us": 5000}
 
 
-def _updater(bench, rig: Rig, fleet, out_dir: Path):
-    from harness.ota import CartOta, FirmwareBuilds, Signer
-    from harness.pki import DEFAULT_DIR, LabPki
+def _updater(rig: Rig, fleet, out_dir: Path):
+    from harness.ota import CartOta, FirmwareBuilds, Signer, open_lab_pki, release_hardware
 
-    pki_dir = rig.resolve(rig.spec.virtual.pki) if rig.spec.virtual and rig.spec.virtual.pki else DEFAULT_DIR
-    lab = LabPki(pki_dir)
-    lab.init()
-    builds = FirmwareBuilds(rig, out_dir / "firmware")
-    hardware = sorted({s.cart.hardware_revision for s in rig.slots})
-    return lambda cart: CartOta(cart, fleet, builds, Signer(lab), hardware)
+    signer, builds = Signer(open_lab_pki(rig)), FirmwareBuilds(rig, out_dir / "firmware")
+    return lambda cart: CartOta(cart, fleet, builds, signer, release_hardware(rig))
 
 
 def update_timings(bench, rig: Rig, fleet, out_dir: Path) -> dict:
@@ -147,7 +142,7 @@ def update_timings(bench, rig: Rig, fleet, out_dir: Path) -> dict:
 
     from harness.ota import bump
 
-    make = _updater(bench, rig, fleet, out_dir)
+    make = _updater(rig, fleet, out_dir)
     carts = [bench.cart(s.cart_id) for s in rig.slots]
     per_cart: dict[str, dict] = {}
     errors: dict[str, str] = {}

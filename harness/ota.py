@@ -34,7 +34,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -170,6 +170,20 @@ class Signer:
             tamper=tamper, build_info=parsed.build_info)
 
 
+def open_lab_pki(rig: Rig) -> hpki.LabPki:
+    """The rig's lab PKI (a virtual rig names it; a physical lab uses reports/pki), created if missing."""
+    virtual = rig.spec.virtual
+    lab = hpki.LabPki(rig.resolve(virtual.pki) if virtual is not None and virtual.pki is not None
+                      else hpki.DEFAULT_DIR)
+    lab.init()
+    return lab
+
+
+def release_hardware(rig: Rig) -> list[str]:
+    """What a release is signed for: every hardware revision on the rig."""
+    return sorted({s.cart.hardware_revision for s in rig.slots})
+
+
 # ---------------------------------------------------------------- fleet services of one process
 
 
@@ -178,11 +192,9 @@ class Fleet:
     for the carts this process drives, the image host, the telemetry collector."""
 
     def __init__(self, rig: Rig, log_dir: Path, *, worker: int = 0):
-        b = rig.spec.broker
         log_dir.mkdir(parents=True, exist_ok=True)
         self.rig = rig
-        self.mqtt = MqttClient(b.host, b.port, rig.resolve(b.ca), rig.resolve(b.cert), rig.resolve(b.key),
-                               client_id=f"cart-hil-fleet-{os.getpid()}")
+        self.mqtt = self._client(f"cart-hil-fleet-{os.getpid()}")
         self.mqtt.connect()
         ih = rig.spec.image_host
         try:
@@ -202,11 +214,14 @@ class Fleet:
     def kick(self, thing: str, timeout: float = 10.0) -> None:
         """Take over `thing`'s MQTT session (same client id): the broker disconnects the cart, as a
         lost link or a duplicate client does in the field. The cart is expected to reconnect."""
-        b = self.rig.spec.broker
-        intruder = MqttClient(b.host, b.port, self.rig.resolve(b.ca), self.rig.resolve(b.cert),
-                              self.rig.resolve(b.key), client_id=thing)
+        intruder = self._client(thing)
         intruder.connect(timeout)
         intruder.close()
+
+    def _client(self, client_id: str) -> MqttClient:
+        """An MQTT client on the rig's broker with the harness's certificate."""
+        b, r = self.rig.spec.broker, self.rig
+        return MqttClient(b.host, b.port, r.resolve(b.ca), r.resolve(b.cert), r.resolve(b.key), client_id=client_id)
 
     def new_job_id(self, label: str) -> str:
         text = re.sub(r"[^a-zA-Z0-9_-]", "-", label)[:40].strip("-") or "job"
@@ -221,12 +236,13 @@ class Fleet:
 # ---------------------------------------------------------------- evidence
 
 
-def _allure_step(title: str):
+def step(title: str):
+    """An Allure step (a plain context when allure is not installed)."""
     try:
         import allure
 
         return allure.step(title)
-    except Exception:  # allure not installed: a plain step
+    except Exception:
         return contextlib.nullcontext()
 
 
@@ -237,12 +253,6 @@ def attach(name: str, body: str | dict | list) -> None:
 
         allure.attach(text, name=name, attachment_type=allure.attachment_type.TEXT
                       if isinstance(body, str) else allure.attachment_type.JSON)
-
-
-@contextlib.contextmanager
-def step(title: str) -> Iterator[None]:
-    with _allure_step(title):
-        yield
 
 
 # ---------------------------------------------------------------- the update step
@@ -350,21 +360,19 @@ class UpdateOutcome:
     @_checked("rejected for {0!r}: nothing written, boot control unchanged, no reboot, no rollback counted")
     def expect_rejected(self, reason: str) -> UpdateOutcome:
         """REJECTED for exactly `reason` (a trailing '*' matches a prefix), nothing written, no reboot."""
-        if self.outcome != "rejected":
-            self._fail(f"expected the device to reject the image ({reason}), got {self.outcome}")
-        ok = self.reason.startswith(reason[:-1]) if reason.endswith("*") else self.reason == reason
-        if not ok:
-            self._fail(f"rejected for {self.reason!r}, expected {reason!r}")
-        self._unchanged()
-        return self
+        return self._ended_without_trying("rejected", reason)
 
     @_checked("failed for {0!r}: nothing written, boot control unchanged, no reboot, no rollback counted")
     def expect_failed(self, reason: str) -> UpdateOutcome:
-        if self.outcome != "failed":
-            self._fail(f"expected the job to fail ({reason}), got {self.outcome}")
+        """FAILED (not a rollback) for exactly `reason` ('*' as above), nothing written, no reboot."""
+        return self._ended_without_trying("failed", reason)
+
+    def _ended_without_trying(self, outcome: str, reason: str) -> UpdateOutcome:
+        if self.outcome != outcome:
+            self._fail(f"expected the update to be {outcome} ({reason}), got {self.outcome}")
         ok = self.reason.startswith(reason[:-1]) if reason.endswith("*") else self.reason == reason
         if not ok:
-            self._fail(f"failed for {self.reason!r}, expected {reason!r}")
+            self._fail(f"{outcome} for {self.reason!r}, expected {reason!r}")
         self._unchanged()
         return self
 

@@ -225,22 +225,12 @@ def cart(request: pytest.FixtureRequest, bench):
 CART_KEY = pytest.StashKey[tuple]()
 
 
-def _pki_dir(rig: Rig) -> Path:
-    from harness.pki import DEFAULT_DIR
-
-    if rig.spec.virtual is not None and rig.spec.virtual.pki is not None:
-        return rig.resolve(rig.spec.virtual.pki)
-    return DEFAULT_DIR
-
-
 @pytest.fixture(scope="session")
 def lab_pki(rig: Rig):
     """The lab PKI (roots, intermediates, code-signing leaves); created if missing."""
-    from harness.pki import LabPki
+    from harness.ota import open_lab_pki
 
-    p = LabPki(_pki_dir(rig))
-    p.init()
-    return p
+    return open_lab_pki(rig)
 
 
 @pytest.fixture(scope="session")
@@ -270,10 +260,9 @@ def firmware_builds(rig: Rig, request: pytest.FixtureRequest):
 @pytest.fixture
 def ota(cart, fleet, firmware_builds, lab_pki, rig: Rig):
     """The OTA steps on this test's cart: `ota.image(version, faults=..., tamper=...)`, `ota.update(image)`."""
-    from harness.ota import CartOta, Signer
+    from harness.ota import CartOta, Signer, release_hardware
 
-    hardware = sorted({s.cart.hardware_revision for s in rig.slots})
-    steps = CartOta(cart, fleet, firmware_builds, Signer(lab_pki), hardware)
+    steps = CartOta(cart, fleet, firmware_builds, Signer(lab_pki), release_hardware(rig))
     yield steps
     hidden = steps.hidden_rollbacks()
     if hidden:  # job status said success while the cart went back: never a pass, checked or not
