@@ -4,8 +4,10 @@
     builds = FirmwareBuilds(rig, cache_dir)      images of a version / fault build (the rig's build command)
     signer = Signer(LabPki(...))                 the lab's release signing (harness.image)
     fleet = Fleet(rig, log_dir)                  MQTT client, jobs service, image host, telemetry
-    run = start_update(fleet, cart, image)       queue the job; act on the cart or the network meanwhile
+    ota = CartOta(cart, fleet, builds, signer, hardware)   the `ota` fixture: one cart's steps in a test
+    run = ota.start(ota.image("1.6.0"))          queue the job; act on the cart or the network meanwhile
     outcome = run.wait()                         confirmed / rejected / failed / rolled-back / ...
+    outcome = ota.update(image)                  both at once
     outcome.expect_confirmed() / expect_rejected("unsigned") / expect_rolled_back()
 
 A cart is reached only through its console (the profile's lines and commands), MQTT on the
@@ -588,15 +590,6 @@ class UpdateRun:
                 self.fleet.jobs.cancel(self.job_id, force=True)
 
 
-def start_update(fleet: Fleet, cart: Cart, image: bytes | None, *, target_version: str, **kw) -> UpdateRun:
-    return UpdateRun(fleet, cart, image, target_version=target_version, **kw)
-
-
-def update(fleet: Fleet, cart: Cart, image: bytes | None, *, target_version: str, timeout: float | None = None,
-           **kw) -> UpdateOutcome:
-    return UpdateRun(fleet, cart, image, target_version=target_version, **kw).wait(timeout)
-
-
 # ---------------------------------------------------------------- one cart's OTA steps in a test
 
 
@@ -632,7 +625,7 @@ class CartOta:
     def start(self, image: bytes | None, *, target_version: str | None = None, **kw) -> UpdateRun:
         if target_version is None:
             target_version = _image_version(image)
-        return start_update(self.fleet, self.cart, image, target_version=target_version, **kw)
+        return UpdateRun(self.fleet, self.cart, image, target_version=target_version, **kw)
 
     def update(self, image: bytes | None, *, target_version: str | None = None, timeout: float | None = None,
                **kw) -> UpdateOutcome:
