@@ -21,12 +21,32 @@ def broker(tmp_path_factory, broker_factory):
         yield b
 
 
+class Devices:
+    """The carts: one MQTT client per thing, each with that thing's own certificate (the broker lets
+    a cart publish only its own telemetry). `devices("cart-03").publish(...)`."""
+
+    def __init__(self, broker):
+        self.broker = broker
+        self._clients: dict[str, MqttClient] = {}
+
+    def __call__(self, thing: str) -> MqttClient:
+        if thing not in self._clients:
+            c = MqttClient(HOST, self.broker.port, *self.broker.ensure_client_cert(thing),
+                           client_id=f"dev-{thing}-{uuid.uuid4().hex[:6]}")
+            c.connect(5)
+            self._clients[thing] = c
+        return self._clients[thing]
+
+    def close(self) -> None:
+        for c in self._clients.values():
+            c.close()
+
+
 @pytest.fixture
 def clients(broker):
     svc = MqttClient(HOST, broker.port, *broker.client_files("harness"), client_id=f"tel-{uuid.uuid4().hex[:6]}")
-    dev = MqttClient(HOST, broker.port, *broker.client_files("cart-01"), client_id=f"dev-{uuid.uuid4().hex[:6]}")
     svc.connect(5)
-    dev.connect(5)
+    dev = Devices(broker)
     yield svc, dev
     dev.close()
     svc.close()
@@ -47,10 +67,11 @@ def rollback(thing: str, version: str, boot_id: str, **extra) -> dict:
 def test_rollbacks_are_counted_by_target_version_and_thing(telemetry, clients):
     _, dev = clients
     mark = telemetry.mark()
-    dev.publish(telemetry_topic("cart-03"), rollback("cart-03", "1.6.0", "b1"))
-    dev.publish(telemetry_topic("cart-04"), rollback("cart-04", "1.6.0", "b2"))
-    dev.publish(telemetry_topic("cart-03"), rollback("cart-03", "1.7.0", "b3", slot="B"))
-    dev.publish(telemetry_topic("cart-03"), {"metric": "boot_ms", "value": 1512.5, "thing": "cart-03"})
+    # each publish waits for its PUBACK: the broker has routed it before the next one is sent
+    dev("cart-03").publish(telemetry_topic("cart-03"), rollback("cart-03", "1.6.0", "b1"))
+    dev("cart-04").publish(telemetry_topic("cart-04"), rollback("cart-04", "1.6.0", "b2"))
+    dev("cart-03").publish(telemetry_topic("cart-03"), rollback("cart-03", "1.7.0", "b3", slot="B"))
+    dev("cart-03").publish(telemetry_topic("cart-03"), {"metric": "boot_ms", "value": 1512.5, "thing": "cart-03"})
     events = telemetry.wait_metric(ROLLBACK_METRIC, at_least=3, since=mark, timeout=5)
     assert [e.thing for e in events] == ["cart-03", "cart-04", "cart-03"]
     telemetry.wait_metric("boot_ms", thing="cart-03", timeout=5)
@@ -66,7 +87,7 @@ def test_rollbacks_are_counted_by_target_version_and_thing(telemetry, clients):
 def test_a_second_report_of_the_same_rollback_counts_and_is_listed(telemetry, clients):
     _, dev = clients
     for _ in range(2):
-        dev.publish(telemetry_topic("cart-05"), rollback("cart-05", "1.6.0", "same-boot"))
+        dev("cart-05").publish(telemetry_topic("cart-05"), rollback("cart-05", "1.6.0", "same-boot"))
     telemetry.wait_metric(at_least=2, thing="cart-05", timeout=5)
     assert telemetry.rollback_count("1.6.0", "cart-05") == 2
     assert telemetry.duplicates() == [
@@ -83,8 +104,8 @@ def test_a_second_report_of_the_same_rollback_counts_and_is_listed(telemetry, cl
 )
 def test_malformed_messages_are_kept_apart_never_counted(telemetry, clients, payload):
     _, dev = clients
-    dev.publish(telemetry_topic("cart-06"), payload)
-    dev.publish(telemetry_topic("cart-06"), {"metric": "sentinel", "value": 1})
+    dev("cart-06").publish(telemetry_topic("cart-06"), payload)
+    dev("cart-06").publish(telemetry_topic("cart-06"), {"metric": "sentinel", "value": 1})
     telemetry.wait_metric("sentinel", timeout=5)  # in order: the malformed one was handled before
     assert len(telemetry.malformed()) == 1 and telemetry.events("x") == []
     assert telemetry.malformed()[0]["topic"] == "cart-hil/telemetry/cart-06"
@@ -92,7 +113,7 @@ def test_malformed_messages_are_kept_apart_never_counted(telemetry, clients, pay
 
 def test_wait_metric_timeout_says_what_it_waited_for(telemetry, clients):
     _, dev = clients
-    dev.publish(telemetry_topic("cart-07"), rollback("cart-07", "1.5.0", "b"))
+    dev("cart-07").publish(telemetry_topic("cart-07"), rollback("cart-07", "1.5.0", "b"))
     telemetry.wait_metric(timeout=5)
     with pytest.raises(TelemetryTimeout) as e:
         telemetry.wait_metric(thing="cart-07", target_version="1.6.0", timeout=0.1)
@@ -107,13 +128,13 @@ def test_job_status_changes_flow_in_and_everything_exports(telemetry, clients, b
     try:
         jobs.add_listener(telemetry.record_job_status)
         jobs.create_job("tel-1", ["cart-08"], {"operation": "ota", "target_version": "1.6.0"})
-        dev.subscribe("$aws/things/cart-08/jobs/+/update/accepted")
-        dev.publish("$aws/things/cart-08/jobs/tel-1/update", {"status": "SUCCEEDED"})
+        dev("cart-08").subscribe("$aws/things/cart-08/jobs/+/update/accepted")
+        dev("cart-08").publish("$aws/things/cart-08/jobs/tel-1/update", {"status": "SUCCEEDED"})
         jobs.wait_status("tel-1", "cart-08", "SUCCEEDED", 5)
     finally:
         jobs.close()
     # the cart rolled back after reporting SUCCEEDED: only the metric shows it
-    dev.publish(telemetry_topic("cart-08"), rollback("cart-08", "1.6.0", "b9"))
+    dev("cart-08").publish(telemetry_topic("cart-08"), rollback("cart-08", "1.6.0", "b9"))
     telemetry.wait_metric(thing="cart-08", timeout=5)
     assert [c["new"] for c in telemetry.job_status_changes("tel-1")] == ["QUEUED", "SUCCEEDED"]
     out = telemetry.export()

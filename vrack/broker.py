@@ -5,7 +5,8 @@ Everything lives under ``<run_dir>/broker``:
 - ``ca.pem`` / ``ca.key``: the rack's CA (ECDSA P-256); it signs the server and every client cert;
 - ``server.pem`` / ``server.key``: the broker's certificate (SAN IP 127.0.0.1, the listen host, DNS localhost);
 - ``<client>.pem`` / ``<client>.key``: one client identity each (CN=<client>, EKU clientAuth);
-- ``mosquitto.conf``, ``mosquitto.log`` (the previous run's log is kept as ``mosquitto.log.1``).
+- ``mosquitto.conf``, ``mosquitto.acl`` (the topic permissions), ``mosquitto.log`` (the previous
+  run's log is kept as ``mosquitto.log.1``).
 
 Private keys are created with mode 0600. Valid existing certificates are reused, so a restarted rack
 keeps the client certificates it issued; anything missing, expiring or not matching the CA is issued
@@ -14,6 +15,14 @@ again (a new CA invalidates every client cert, and those are then removed or re-
 mosquitto authenticates clients by certificate only: ``require_certificate true`` refuses a TLS client
 without a certificate signed by the CA, and ``use_identity_as_username true`` makes the certificate CN
 the MQTT username (whatever username the client sends is ignored), so ``allow_anonymous false`` holds.
+
+Topic permissions work like an AWS IoT device policy scoped to ``${iot:Connection.Thing.ThingName}``
+(the ``acl_file``, see `acl_text` and docs/interfaces.md, "Broker permissions"): every client may use
+only its own thing's topics ``$aws/things/<its CN>/#`` and publish its own telemetry
+``cart-hil/telemetry/<its CN>``; the harness identity (CN ``harness``) is the jobs service of every
+thing and reads every cart's telemetry. A denied subscription is still granted in the SUBACK by
+mosquitto 2.0, but nothing that the client may not read is ever delivered to it; a denied publish is
+dropped (MQTT 3.1.1 still gets its PUBACK).
 
 This module must not import ``harness``.
 """
@@ -49,6 +58,7 @@ __all__ = [
     "Broker",
     "BrokerError",
     "PortInUseError",
+    "acl_text",
     "broker_dir",
     "ensure_client_cert",
     "free_port",
@@ -56,6 +66,7 @@ __all__ = [
 ]
 
 HARNESS = "harness"
+TELEMETRY_PREFIX = "cart-hil/telemetry/"  # + <thing>: what a cart publishes its metrics on
 CA_VALIDITY = dt.timedelta(days=5 * 365)
 LEAF_VALIDITY = dt.timedelta(days=365)
 BACKDATE = dt.timedelta(hours=1)
@@ -384,6 +395,32 @@ def ensure_client_cert(run_dir: Path | str, name: str) -> tuple[Path, Path, Path
 
 
 # --------------------------------------------------------------------------------------------------
+# topic permissions
+
+
+def acl_text() -> str:
+    """The mosquitto ``acl_file``: per-thing permissions, as an AWS IoT policy gives them.
+
+    ``%u`` is the username, i.e. the client certificate's CN (``use_identity_as_username``). By the
+    MQTT spec a filter starting with a wildcard (``#``, ``+/...``) never matches a ``$`` topic, so
+    every ``$aws`` grant names ``$aws`` explicitly. Anything not granted is denied."""
+    return f"""\
+# written by vrack.broker; regenerated on every start. Anything not granted here is denied.
+# Every client (%u = its certificate CN = its thing name): its own thing's topics (the AWS IoT
+# Jobs API, $aws/things/<thing>/jobs/...) and publishing its own telemetry, nothing else:
+# not another thing's topics, not another thing's telemetry, not even reading its own.
+pattern readwrite $aws/things/%u/#
+pattern write {TELEMETRY_PREFIX}%u
+
+# The harness: the jobs service of every thing (requests in, replies and notifications out)
+# and the telemetry collector of every cart.
+user {HARNESS}
+topic readwrite $aws/things/+/jobs/#
+topic read {TELEMETRY_PREFIX}#
+"""
+
+
+# --------------------------------------------------------------------------------------------------
 # readiness probe: one MQTT 3.1.1 CONNECT over TLS, no client library needed
 
 
@@ -498,6 +535,10 @@ class Broker:
         return self.dir / "mosquitto.conf"
 
     @property
+    def acl_file(self) -> Path:
+        return self.dir / "mosquitto.acl"
+
+    @property
     def log_file(self) -> Path:
         return self.dir / "mosquitto.log"
 
@@ -521,7 +562,8 @@ class Broker:
 
     # files ---------------------------------------------------------------------------------------
     def prepare(self) -> None:
-        """Write (or re-use) the certificates and write mosquitto.conf; does not start anything."""
+        """Write (or re-use) the certificates and write mosquitto.conf and mosquitto.acl; does not
+        start anything."""
         for ch in "\n\r":
             if ch in str(self.dir.resolve()):
                 raise BrokerError(f"run_dir path unusable in mosquitto.conf: {self.dir!r}")
@@ -559,7 +601,10 @@ certfile {d / "server.pem"}
 keyfile {d / "server.key"}
 require_certificate true
 use_identity_as_username true
+# per-thing topic permissions (see vrack.broker.acl_text)
+acl_file {d / "mosquitto.acl"}
 """
+        _write_atomic(self.acl_file, acl_text().encode(), 0o644)
         _write_atomic(self.conf_file, conf.encode(), 0o644)
 
     def _log_tail(self, lines: int = 30) -> str:
