@@ -20,7 +20,33 @@ from harness.config import Rig
 
 
 class RackStartError(Exception):
-    pass
+    """The virtual rack did not come up. The first line of the message is the cause (the rack's own
+    one-line error when it gave one); the log path follows."""
+
+
+#: docs/interfaces.md "What the rack creates and refuses": a directory with this file is a rack run
+#: dir; one without it is used only if it is empty or holds nothing but names of the rack's layout.
+RUN_DIR_MARKER = ".vrack-run-dir"
+RUN_DIR_NAMES = frozenset({RUN_DIR_MARKER, "rack.json", "rack.tmp", "vrack.log", ".rack.lock", "rack.owner",
+                           "flash", "rtc", "state", "logs", "carts", "factory", "broker", "dev"})
+
+
+def check_run_dir(rig: Rig) -> None:
+    """Refuse (RackStartError, one line) a run dir the rack would not use: the harness writes the rack's
+    log there, so it checks first rather than drop a file into somebody's directory."""
+    d = rig.run_dir
+    assert d is not None
+    where = f"{rig.path}: virtual.run_dir: {d}"
+    if os.path.lexists(d) and not d.is_dir():
+        raise RackStartError(f"{where}: exists and is not a directory: refusing to touch it")
+    if d.is_dir() and not (d / RUN_DIR_MARKER).is_file():
+        try:
+            foreign = sorted(set(os.listdir(d)) - RUN_DIR_NAMES)
+        except OSError as exc:
+            raise RackStartError(f"{where}: {exc.strerror or exc}") from None
+        if foreign:
+            raise RackStartError(f"{where}: holds {foreign[0]!r} and has no {RUN_DIR_MARKER}: not a rack run dir, "
+                                 "refusing to write into it (use an empty or new directory)")
 
 
 def rack_state(rig: Rig) -> dict | None:
@@ -38,6 +64,7 @@ def rack_state(rig: Rig) -> dict | None:
 def start_rack(rig: Rig, *, owner_pid: int | None = None, timeout: float = 60.0) -> int:
     """Start the virtual rack in its own session; return its pid once it says it is ready."""
     assert rig.run_dir is not None and rig.spec.virtual is not None
+    check_run_dir(rig)
     rig.run_dir.mkdir(parents=True, exist_ok=True)
     if rig.spec.virtual.pki is not None:
         # the lab's CA admin work, done once: the rack's factory reads the root certificates
@@ -49,6 +76,7 @@ def start_rack(rig: Rig, *, owner_pid: int | None = None, timeout: float = 60.0)
     if owner_pid:
         cmd += ["--owner-pid", str(owner_pid)]
     with open(log_path, "ab") as log:
+        log_start = log.tell()
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log, stdin=subprocess.DEVNULL,
                                 start_new_session=True)
     assert proc.stdout is not None
@@ -66,8 +94,7 @@ def start_rack(rig: Rig, *, owner_pid: int | None = None, timeout: float = 60.0)
                 chunk = os.read(proc.stdout.fileno(), 4096)
                 if not chunk:
                     proc.wait(timeout=5)
-                    raise RackStartError(f"virtual rack for {rig.path} exited with {proc.returncode} before it "
-                                         f"was ready; log {log_path}:\n{_tail(log_path)}")
+                    raise RackStartError(_exit_cause(rig, proc.returncode, log_path, log_start))
                 buf += chunk
     finally:
         proc.stdout.close()
@@ -110,6 +137,22 @@ def _wait_gone(pid: int, timeout: float) -> bool:
         return bool(ready)
     finally:
         os.close(fd)
+
+
+def _exit_cause(rig: Rig, status: int, log_path: Path, log_start: int) -> str:
+    """The message of a rack that exited before it was ready: its own one-line error first."""
+    try:
+        with open(log_path, "rb") as f:
+            f.seek(log_start)
+            lines = [x.strip() for x in f.read().decode(errors="replace").splitlines() if x.strip()]
+    except OSError:
+        lines = []
+    said = [x for x in lines if x.startswith("vrack: ")]
+    if status == 2 and said:  # a start-up error: one line, the rack's own words
+        return f"{said[-1][len('vrack: '):]} (virtual rack exited with 2; log {log_path})"
+    cause = lines[-1] if lines else f"virtual rack for {rig.path} exited with {status} and said nothing"
+    return (f"{cause}\nvirtual rack for {rig.path} exited with {status} before it was ready; log {log_path}:\n"
+            + "\n".join(lines[-15:]))
 
 
 def _tail(path: Path, n: int = 15) -> str:

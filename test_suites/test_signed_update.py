@@ -15,7 +15,10 @@ from urllib.parse import parse_qs, urlparse
 import pytest
 
 from harness import pki
+from harness.fleet import ImageHost
 from harness.ota import DELETE, bump
+
+OTHER_HOST = "127.0.0.2"  # another loopback address: Linux routes all of 127/8 to this machine
 
 
 def range_start(r) -> int:
@@ -113,6 +116,19 @@ MALFORMED_DOCUMENTS = [
 def test_malformed_job_document_is_rejected(cart, ota, doc, reason):
     target = bump(cart.power_on().version, patch=1)
     ota.update(ota.image(target), document=doc, target_version=target).expect_rejected(reason)
+
+
+def test_image_from_a_host_not_in_the_fleet_settings_is_rejected(cart, ota, fleet):
+    """Defense in depth: the cart downloads only from the image hosts its fleet settings list, whatever
+    the job document says. A valid, signed image on another host is refused before a byte is fetched."""
+    target = bump(cart.power_on().version, patch=1)
+    image = ota.image(target)
+    with ImageHost(OTHER_HOST, 0) as other:
+        other.add("elsewhere", image)
+        url = other.presign("elsewhere", 600)
+        out = ota.update(image, document={"url": url}).expect_rejected(f"image host not allowed: {OTHER_HOST}")
+        assert other.requests() == [], [r.as_dict() for r in other.requests()]
+    assert fleet.images.requests(out.job_id) == []
 
 
 def test_truncated_download_fails_and_writes_nothing(cart, ota, fleet):

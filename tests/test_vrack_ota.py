@@ -14,6 +14,7 @@ import select
 import threading
 import time
 import uuid
+from urllib.parse import urlsplit
 
 import pytest
 from hypothesis import given, settings
@@ -184,10 +185,16 @@ class Lab:
         self.jobs = JobsService(mqtt, host, things=[self.thing])
         self._ids = itertools.count(1)
 
-    def provision(self, version: str = "1.4.2", settings: bool = True) -> None:
+    def provision(self, version: str = "1.4.2", settings: bool = True,
+                  image_hosts: tuple[str, ...] | None = (HOST,)) -> None:
+        """`image_hosts` None: fleet settings of the old format, without the list."""
         ca, cert, key = self.broker.ensure_client_cert(self.thing)
         blob = factory.settings_blob(self.thing, HOST, self.broker.port, ca.read_text(), cert.read_text(),
-                                     key.read_text()) if settings else None
+                                     key.read_text(), image_hosts=image_hosts or ()) if settings else None
+        if settings and image_hosts is None:
+            old = decode_settings(blob)
+            del old["image_hosts"]
+            blob = encode_settings(old)
         trust = factory.trust_blob([{"name": pki.ROOT_OLD, "pem": self.pki.root_pem(pki.ROOT_OLD)}])
         factory.provision_flash(self.cart.flash_path, self.cart.config, factory.build_image(version), trust, blob)
 
@@ -369,6 +376,93 @@ def test_rejected_images_and_documents_write_nothing(make_lab, host):
     assert cart.command("slot status")[0].startswith("slot active=A booted=A pending=- tries=0 confirmed=yes boots=1 ")
     assert cart.command("ota status") == [f"ota state=idle broker=connected thing={lb.thing}"]
     assert cart.seen.count("CART-BL") == 1, "the cart rebooted"
+
+
+class Redirector:
+    """An HTTP server on an allowed host that answers every GET with a redirect to `target`."""
+
+    def __init__(self, target: str):
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        hits = self.hits = []
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self):  # noqa: N802 - the http.server API
+                hits.append(self.path)
+                self.send_response(302)
+                self.send_header("Location", target)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def log_message(self, *args):
+                pass
+
+        self.server = ThreadingHTTPServer((HOST, 0), Handler)
+        self.url = f"http://{HOST}:{self.server.server_port}/images/x"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_images_only_from_the_image_hosts_in_the_fleet_settings(make_lab, host):
+    """Defense in depth: whatever a job document says (or a redirect), the cart fetches only from the
+    hosts its fleet settings list; another host on the same machine (127/8 is all loopback) is refused
+    before a byte is fetched."""
+    lb = make_lab()
+    lb.provision()
+    lb.boot()
+    cart = lb.cart
+    before = cart.slot_hashes()
+    signed = lb.image("1.6.0")
+    sha, size = hashlib.sha256(signed).hexdigest(), len(signed)
+    other = ImageHost("127.0.0.2", 0)
+    try:
+        other.add("fw-1.6.0", signed)
+        elsewhere = other.presign("fw-1.6.0", 3600)
+        assert elsewhere.startswith("http://127.0.0.2:")
+        redirector = Redirector(elsewhere)
+        try:
+            host.add("fw-1.6.0-by-name", signed)
+            by_name = host.presign("fw-1.6.0-by-name", 3600).replace(f"//{HOST}:", "//LocalHost:")
+            cases = [
+                (elsewhere, "image host not allowed: 127.0.0.2"),
+                (by_name, "image host not allowed: localhost"),  # the same server, under a name not listed
+                (redirector.url, "redirected: image host not allowed: 127.0.0.2"),
+            ]
+            jobs = [(lb.job(None, "1.6.0", {"url": url, "sha256": sha, "size": size}), reason)
+                    for url, reason in cases]
+            for job, reason in jobs:
+                ex = lb.wait(job)
+                assert (ex["status"], ex["statusDetails"]) == ("REJECTED", {"reason": reason}), (job, ex)
+                cart.expect(rf"OTA: rejected job={job}: {re.escape(reason)}\r\n")
+            assert redirector.hits == ["/images/x"]  # the allowed host was asked; its redirect was not followed
+        finally:
+            redirector.close()
+        assert other.requests() == [] and host.requests("fw-1.6.0-by-name") == []
+        # the positive control: the same image from the listed host goes through
+        ok = lb.job(signed, "1.6.0")
+        assert lb.wait(ok)["status"] == "SUCCEEDED"
+    finally:
+        other.close()
+    assert cart.seen.count("CART-BL") == 2, "one boot, then the trial of the allowed update"
+    after = cart.slot_hashes()
+    assert after["A"] == before["A"]
+
+
+def test_settings_without_image_hosts_refuse_every_download(make_lab, host):
+    """Fleet settings of the older format (no `image_hosts`): the agent still reports to the jobs
+    service, but downloads nothing (the rack rewrites the settings at every start anyway)."""
+    lb = make_lab()
+    lb.provision(image_hosts=None)
+    lb.boot()
+    before = lb.cart.slot_hashes()
+    job = lb.job(lb.image("1.6.0"), "1.6.0")
+    ex = lb.wait(job)
+    assert (ex["status"], ex["statusDetails"]) == ("REJECTED", {"reason": "no image hosts in the fleet settings"})
+    lb.cart.expect(rf"OTA: rejected job={job}: no image hosts in the fleet settings\r\n")
+    assert host.requests(job) == [] and lb.cart.slot_hashes() == before
 
 
 def test_never_mark_good_is_rolled_back_and_reported_once(make_lab, telemetry):
@@ -557,6 +651,7 @@ def test_rack_up_writes_settings_for_every_cart(rig_factory):
             mqtt = settings["mqtt"]
             assert (mqtt["host"], mqtt["port"]) == ("127.0.0.1", rack.rig.broker_port)
             assert mqtt["cert"] == (rack.run_dir / "broker" / f"{sock.cart.id}.pem").read_text()
+            assert settings["image_hosts"] == ["127.0.0.1"]  # the rig's image host (default bind)
             assert mqtt["ca"] == (rack.run_dir / "broker" / "ca.pem").read_text()
     finally:
         rack.down()
@@ -631,7 +726,8 @@ _json = st.recursive(
 _fields = st.fixed_dictionaries({}, optional={
     "operation": st.sampled_from(["ota", "OTA", ""]) | _json,
     "target_version": st.from_regex(r"[0-9]{1,6}\.[0-9]{1,6}\.[0-9]{1,6}(-[a-z.]{0,14})?", fullmatch=True) | _json,
-    "url": st.text(max_size=3000).map(lambda t: "http://127.0.0.1:8/" + t) | _json,
+    "url": st.tuples(st.sampled_from(["http://127.0.0.1:8/", "http://127.0.0.2:8/", "https://LocalHost/"]),
+                     st.text(max_size=3000)).map("".join) | _json,
     "sha256": st.text(alphabet="0123456789abcdefABCDEF", min_size=60, max_size=66) | _json,
     "size": st.integers(min_value=-2**70, max_value=2**70) | _json,
 })
@@ -647,3 +743,30 @@ def test_any_job_document_is_accepted_or_refused_by_field_and_never_raises(doc):
         assert 0 < ok["size"] < 2**32 and len(ok["sha256"]) == 64
     else:
         assert field in ("operation", "target_version", "url", "sha256", "size")
+    if ok is not None:  # a well-formed document's URL is on an allowed host, or refused by name
+        host = urlsplit(ok["url"]).hostname
+        refusal = reference.image_host_refusal(ok["url"], frozenset({"127.0.0.1"}))
+        assert (refusal is None) == (host == "127.0.0.1"), (ok["url"], refusal)
+        assert refusal is None or refusal.startswith("image host not allowed: ")
+        assert reference.image_host_refusal(ok["url"], None) == "no image hosts in the fleet settings"
+
+
+@pytest.mark.parametrize(("url", "refusal"), [
+    ("http://127.0.0.1:8070/images/x?sig=1", None),
+    ("https://Hil-Host.Lab.Example/x", None),
+    ("http://127.0.0.2:8070/images/x", "image host not allowed: 127.0.0.2"),
+    ("http://127.0.0.1.evil.example/x", "image host not allowed: 127.0.0.1.evil.example"),
+    ("http://evil.example/127.0.0.1/x", "image host not allowed: evil.example"),
+    ("http://127.0.0.1@evil.example/x", "image host not allowed: evil.example"),
+    ("http://[::1]:8070/x", "image host not allowed: ::1"),
+    ("http:///x", "malformed job document: url"),
+])
+def test_image_host_refusal(url, refusal):
+    allowed = reference.image_hosts_of({"image_hosts": ["127.0.0.1", "hil-host.lab.example"]})
+    assert reference.image_host_refusal(url, allowed) == refusal
+
+
+@pytest.mark.parametrize("hosts", [None, [], "127.0.0.1", [5], [""], ["a"] * 17, ["h\x00"]])
+def test_unusable_image_host_lists_allow_nothing(hosts):
+    settings = {} if hosts is None else {"image_hosts": hosts}
+    assert reference.image_hosts_of(settings) is None

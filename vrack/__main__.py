@@ -35,13 +35,15 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
 
     if args.cmd == "up":
+        from vrack.cartconfig import CartConfigError, one_line
         from vrack.rack import Rack, RackError, load_rig
 
         try:
             rack = Rack(load_rig(args.rig))
             rack.up()
-        except RackError as exc:
-            print(f"vrack: {exc}", file=sys.stderr)
+        except (RackError, CartConfigError) as exc:
+            # a start-up error is one line (file, slot or supply, field), exit status 2, no traceback
+            print(f"vrack: {one_line(str(exc))}", file=sys.stderr, flush=True)
             return 2
         print(json.dumps({"status": "ready", "rig": str(rack.rig.path), "run_dir": str(rack.run_dir)}),
               flush=True)

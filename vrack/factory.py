@@ -2,7 +2,7 @@
 
     build_image(version, *, faults=None, size=196608) -> bytes     a reference firmware image
     trust_blob(cas) -> bytes                                       a trust-store blob
-    settings_blob(thing, host, port, ca, cert, key) -> bytes       a fleet-settings blob
+    settings_blob(thing, host, port, ca, cert, key, *, image_hosts) -> bytes   a fleet-settings blob
     provision_flash(path, cart_cfg, image, trust, settings=None)   a new flash file, as shipped
     write_settings(path, cart_cfg, settings) -> None               rewrite only the settings region
     write_factory(out_dir, versions, carts) -> dict                fw-<version>.img, trust-<cart>.bin
@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import os
+import re
 import sys
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -136,11 +138,20 @@ def trust_blob(cas: Iterable[Mapping[str, str]]) -> bytes:
     return encode_trust([dict(ca) for ca in cas])
 
 
-def settings_blob(thing: str, host: str, port: int, ca: str, cert: str, key: str) -> bytes:
-    """A fleet-settings blob: the cart's thing name and its MQTT endpoint with the broker's CA and
-    the cart's client certificate and key (PEM). SettingsError if it does not fit the region."""
+def settings_blob(thing: str, host: str, port: int, ca: str, cert: str, key: str, *,
+                  image_hosts: Iterable[str]) -> bytes:
+    """A fleet-settings blob: the cart's thing name, its MQTT endpoint with the broker's CA and the
+    cart's client certificate and key (PEM), and the image hosts it may download from (host names or
+    IP addresses, any port; stored lower-case). SettingsError if it does not fit the region;
+    ValueError for an unusable image host."""
+    hosts: list[str] = []
+    for h in image_hosts:
+        if not isinstance(h, str) or not 0 < len(h) <= 253 or any(c.isspace() or c in "/@[]?#" for c in h):
+            raise ValueError(f"image host {h!r}: a host name or IP address, without port or brackets")
+        if h.lower() not in hosts:
+            hosts.append(h.lower())
     return encode_settings({"thing": thing, "mqtt": {"host": host, "port": int(port), "ca": ca, "cert": cert,
-                                                     "key": key}})
+                                                     "key": key}, "image_hosts": hosts})
 
 
 def _write_settings_region(flash: Flash, settings: bytes) -> None:
@@ -160,10 +171,10 @@ def write_settings(path: str | Path, cart_cfg: CartConfig | Mapping[str, Any] | 
 
 
 def provision_flash(path: str | Path, cart_cfg: CartConfig | Mapping[str, Any] | str | Path, image: bytes,
-                    trust: bytes, settings: bytes | None = None) -> Path:
+                    trust: bytes, settings: bytes | None = None, *, exclusive: bool = False) -> Path:
     """Create the cart's flash file as it leaves the factory: erased, `image` in slot A, the
     BCB saying active A confirmed, `trust` in the trust store, `settings` (if given) in the
-    settings region. No page timing."""
+    settings region. No page timing. `exclusive`: FileExistsError rather than replace a file."""
     cfg = as_cart_config(cart_cfg)
     path = Path(path)
     if len(image) > cfg.flash.slot_size:
@@ -172,7 +183,7 @@ def provision_flash(path: str | Path, cart_cfg: CartConfig | Mapping[str, Any] |
     if reason:
         raise ValueError(f"{cfg.id}: factory image is not bootable: {reason}")
     path.parent.mkdir(parents=True, exist_ok=True)
-    Flash.create(path, cfg.flash)
+    Flash.create(path, cfg.flash, exclusive=exclusive)
     with Flash(path, cfg.flash, time_scale=0) as flash:
         layout = flash.layout
         if len(trust) > layout.trust_size:
@@ -185,6 +196,16 @@ def provision_flash(path: str | Path, cart_cfg: CartConfig | Mapping[str, Any] |
     return path
 
 
+_FILE_PART_RE = re.compile(r"[0-9A-Za-z][0-9A-Za-z.+-]{0,63}")
+
+
+def _writable(target: Path) -> Path:
+    """`target` if writing it replaces at most a regular file (never writes through a symlink)."""
+    if os.path.lexists(target) and (target.is_symlink() or not target.is_file()):
+        raise ValueError(f"{target}: not a regular file: refusing to overwrite it")
+    return target
+
+
 def write_factory(out_dir: str | Path, versions: Iterable[str],
                   carts: Iterable[CartConfig | Mapping[str, Any] | str | Path],
                   ca_pems: Mapping[str, str] | None = None) -> dict[str, dict[str, Path]]:
@@ -194,12 +215,14 @@ def write_factory(out_dir: str | Path, versions: Iterable[str],
     out.mkdir(parents=True, exist_ok=True)
     written: dict[str, dict[str, Path]] = {"images": {}, "trust": {}}
     for version in versions:
-        target = out / f"fw-{version}.img"
+        if not _FILE_PART_RE.fullmatch(version):
+            raise ValueError(f"version {version!r}: not usable in a file name (fw-<version>.img)")
+        target = _writable(out / f"fw-{version}.img")
         target.write_bytes(build_image(version))
         written["images"][version] = target
     for cart in carts:
         cfg = as_cart_config(cart)
-        target = out / f"trust-{cfg.id}.bin"
+        target = _writable(out / f"trust-{cfg.id}.bin")
         pems = ca_pems or {}
         target.write_bytes(trust_blob({"name": name, "pem": pems.get(name, "")} for name in cfg.provisioned_cas))
         written["trust"][cfg.id] = target

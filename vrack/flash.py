@@ -133,10 +133,12 @@ class Flash:
                              f"slot_size={self.slot_size} needs {self.layout.total_size}")
 
     @classmethod
-    def create(cls, path: str | Path, geometry: FlashGeometry) -> None:
-        """Make a new, fully erased flash file (factory; no page timing)."""
+    def create(cls, path: str | Path, geometry: FlashGeometry, *, exclusive: bool = False) -> None:
+        """Make a new, fully erased flash file (factory; no page timing). `exclusive`: never replace an
+        existing file (FileExistsError), as the rack does: it overwrites nothing it did not create."""
         total = Layout(geometry.page_size, geometry.slot_size).total_size
-        Path(path).write_bytes(bytes([ERASED]) * total)
+        with open(path, "xb" if exclusive else "wb") as f:
+            f.write(bytes([ERASED]) * total)
 
     def close(self) -> None:
         if self._fd is not None:

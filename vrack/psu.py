@@ -24,6 +24,7 @@ Every dialect answers ``*IDN?``, ``*RST``, ``*OPC?``, ``*CLS`` and ``SYST:ERR?``
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import math
 import random
@@ -152,6 +153,8 @@ class EmulatedSupply:
             listener.listen(16)
         except OSError as exc:
             listener.close()
+            if exc.errno == errno.EADDRINUSE:
+                raise OSError(exc.errno, f"supply {self.name}: port {self.port} on {self.host} is in use") from exc
             raise OSError(
                 exc.errno, f"supply {self.name}: cannot listen on {self.host}:{self.port}: {exc.strerror}"
             ) from exc

@@ -10,8 +10,9 @@ library and installed third-party libraries (paho-mqtt, cryptography), never the
 
 The OTA agent (class Agent) is the contract of docs/interfaces.md, "OTA agent of the reference
 firmware": fleet settings from the settings region, MQTT over TLS to the broker, the AWS IoT
-Jobs MQTT API, download over HTTP with Range resume, verification, the inactive slot written
-page by page, the trial boot reported before it is marked good, rollbacks reported.
+Jobs MQTT API, download over HTTP with Range resume (only from the image hosts the fleet settings
+list), verification, the inactive slot written page by page, the trial boot reported before it is
+marked good, rollbacks reported.
 
 Fault builds (FAULTS) reproduce field defects on purpose:
   crash_at_boot: true            raise during start-up, before sensors
@@ -410,6 +411,36 @@ def endpoint_of(settings, key):
     return ep
 
 
+def image_hosts_of(settings):
+    """The image hosts the fleet settings allow downloads from (lower-case host names or IP addresses,
+    any port), or None when the settings carry no usable list: then no download is allowed."""
+    hosts = settings.get("image_hosts")
+    if not isinstance(hosts, list) or not 0 < len(hosts) <= 16:
+        return None
+    if not all(isinstance(h, str) and 0 < len(h) <= 253 and h.isascii() and h.isprintable() for h in hosts):
+        return None
+    return frozenset(h.lower() for h in hosts)
+
+
+def image_host_refusal(url, allowed):
+    """None if `url` (already checked by check_job_document) is on an allowed image host, else the
+    reason to reject the job: defense in depth, a job document never makes the cart fetch from
+    anywhere else, whatever the jobs service or the broker was made to say."""
+    from urllib.parse import urlsplit
+
+    try:
+        host = urlsplit(url).hostname
+    except ValueError:
+        host = None
+    if not host:
+        return "malformed job document: url"
+    if allowed is None:
+        return "no image hosts in the fleet settings"
+    if host.lower() not in allowed:
+        return f"image host not allowed: {clean_text(host, 253)}"
+    return None
+
+
 # --- the job document --------------------------------------------------------------------------
 
 
@@ -519,6 +550,7 @@ class Agent:
         self.say = fw.say
         self.thing = settings["thing"]
         self.endpoint = endpoint_of(settings, ENDPOINT_KEY)
+        self.image_hosts = image_hosts_of(settings)
         self.base = f"$aws/things/{self.thing}/jobs/"
         self.telemetry_topic = f"cart-hil/telemetry/{self.thing}"
         self.boot_id = f"{self.thing}-{self.hal.bcb.read().boot_count}"
@@ -920,6 +952,9 @@ class Agent:
         doc, field = check_job_document(document)
         if doc is None:
             raise JobEnd("REJECTED", f"malformed job document: {field}")
+        refusal = image_host_refusal(doc["url"], self.image_hosts)
+        if refusal:
+            raise JobEnd("REJECTED", refusal)
         size, version = doc["size"], doc["target_version"]
         if size > hal.flash.slot_size:
             raise JobEnd("REJECTED", f"image too large: {size} > slot {hal.flash.slot_size}")
@@ -986,7 +1021,19 @@ class Agent:
         document's size and SHA-256."""
         import urllib.request
 
-        opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+        allowed = self.image_hosts
+
+        class Redirects(urllib.request.HTTPRedirectHandler):
+            """A redirect is followed only to an allowed image host (the same rule as the document's URL)."""
+
+            def redirect_request(self, req, fp, code, msg, headers, newurl):
+                refusal = image_host_refusal(newurl, allowed)
+                if refusal:
+                    fp.close()
+                    raise JobEnd("REJECTED", f"redirected: {refusal}")
+                return super().redirect_request(req, fp, code, msg, headers, newurl)
+
+        opener = urllib.request.build_opener(urllib.request.ProxyHandler({}), Redirects())
         size = doc["size"]
         url = doc["url"]
         buf = bytearray()
@@ -1072,6 +1119,9 @@ class Agent:
         doc, field = check_job_document(ex.get("jobDocument") if isinstance(ex, dict) else None)
         if doc is None:
             raise JobEnd("REJECTED", f"malformed job document: {field}")
+        refusal = image_host_refusal(doc["url"], self.image_hosts)
+        if refusal:
+            raise JobEnd("REJECTED", refusal)
         return doc["url"]
 
 
