@@ -84,7 +84,10 @@ def test_whole_image_and_headers(host):
 @pytest.mark.parametrize(
     ("rng", "start", "end"),
     [("bytes=0-99", 0, 99), ("bytes=99990-", 99990, 99999), ("bytes=-10", 99990, 99999),
-     ("bytes=500-200000", 500, 99999), ("bytes=-200000", 0, 99999), ("bytes=5-5", 5, 5)],
+     ("bytes=500-200000", 500, 99999), ("bytes=-200000", 0, 99999), ("bytes=5-5", 5, 5),
+     ("BYTES=0-9", 0, 9), ("bytes= 0-9 ", 0, 9), ("bytes=0-9,", 0, 9), ("bytes=,,10-19", 10, 19),
+     ("bytes=0-99999999999999999999", 0, 99999), ("bytes=-99999999999999999999", 0, 99999),
+     ("bytes=000010-000019", 10, 19), ("bytes=0-" + "9" * 5000, 0, 99999)],
 )
 def test_range_requests(host, rng, start, end):
     status, headers, body = get(host.presign("fw-1.6.0"), {"Range": rng})
@@ -92,16 +95,82 @@ def test_range_requests(host, rng, start, end):
     assert headers["Content-Range"] == f"bytes {start}-{end}/{len(DATA)}"
 
 
-@pytest.mark.parametrize("rng", ["bytes=100000-", "bytes=200000-300000", "bytes=-0", "bytes=10-5"])
-def test_unsatisfiable_range_is_416(host, rng):
-    status, headers, _ = get(host.presign("fw-1.6.0"), {"Range": rng})
-    assert status == 416 and headers["Content-Range"] == f"bytes */{len(DATA)}"
+# RFC 9110 14.2: "A server that supports range requests MAY ignore or reject a Range header field that
+# contains an invalid ranges-specifier": this host rejects (416), so a broken client sees it.
+@pytest.mark.parametrize(
+    ("rng", "why"),
+    [("bytes=100000-", "range not satisfiable: starts at or past the end"),
+     ("bytes=200000-300000", "range not satisfiable: starts at or past the end"),
+     ("bytes=99999999999999999999-", "range not satisfiable: starts at or past the end"),
+     ("bytes=" + "9" * 5000 + "-", "range not satisfiable: starts at or past the end"),  # > int's 4300 digits
+     ("bytes=-0", "range not satisfiable: bytes=-0"),
+     ("bytes=10-5", "invalid range '10-5': last before first"),
+     ("bytes=5-2", "invalid range '5-2': last before first"),
+     ("bytes=99999999999999999999-5", "invalid range '99999999999999999999-5': last before first"),
+     ("bytes=abc", "invalid range 'abc'"),
+     ("bytes=-", "invalid range '-'"),
+     ("bytes=", "invalid range: no range in bytes="),
+     ("bytes=,", "invalid range: no range in bytes="),
+     ("bytes=1-2-3", "invalid range '1-2-3'"),
+     ("bytes=+1-5", "invalid range '+1-5'"),
+     ("bytes=-1-5", "invalid range '-1-5'"),
+     ("bytes=0x10-", "invalid range '0x10-'"),
+     ("bytes=1 - 5", "invalid range '1 - 5'"),
+     ("bytes=\xb2-", "invalid range '\xb2-'"),  # a Latin-1 superscript two is no digit
+     ("bytes=0-1,abc", "invalid range 'abc'")],
+)
+def test_a_refused_range_is_416_with_the_size_and_the_host_serves_on(host, rng, why):
+    url = host.presign("fw-1.6.0")
+    status, headers, body = get(url, {"Range": rng})
+    assert (status, headers["Content-Range"], body.decode()) == (416, f"bytes */{len(DATA)}", why + "\n")
+    req = host.wait_request(lambda r: r.status == 416, 2)
+    assert req.reason == why and req.range == rng[:2048] and req.bytes_sent == len((why + "\n").encode())
+    assert get(url)[0::2] == (200, DATA)  # a good request right after
+    assert host.handler_errors() == []
 
 
-@pytest.mark.parametrize("rng", ["bytes=0-1,5-6", "items=0-5", "bytes=abc", "bytes=-"])
+def test_two_range_fields_are_refused(host):
+    parts = urlsplit(host.presign("fw-1.6.0"))
+    conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=5)
+    try:
+        conn.putrequest("GET", parts.path + "?" + parts.query)
+        conn.putheader("Range", "bytes=0-9")
+        conn.putheader("Range", "bytes=10-19")
+        conn.endheaders()
+        r = conn.getresponse()
+        assert (r.status, r.getheader("Content-Range"), r.read()) == (
+            416, f"bytes */{len(DATA)}", b"more than one Range header field\n")
+    finally:
+        conn.close()
+
+
+# RFC 9110 14.2: "An origin server MUST ignore a Range header field that contains a range unit it does not
+# understand"; "A server MAY ignore the Range header field" (this host sends no multipart/byteranges).
+@pytest.mark.parametrize("rng", ["bytes=0-1,5-6", "bytes=0-1, 200000-300000", "items=0-5", "bytes 0-5", "0-5",
+                                 "", "bytes0-5", "bytes = 0-5", ",".join(["bytes=0-1"] + ["2-3"] * 5000)])
 def test_a_range_header_that_is_not_one_byte_range_is_ignored(host, rng):
-    status, _, body = get(host.presign("fw-1.6.0"), {"Range": rng})
-    assert status == 200 and body == DATA
+    status, headers, body = get(host.presign("fw-1.6.0"), {"Range": rng})
+    assert status == 200 and body == DATA and "Content-Range" not in headers
+
+
+def test_a_head_ignores_range(host):
+    """RFC 9110 14.2: GET is the only method for which range handling is defined."""
+    url = host.presign("fw-1.6.0")
+    for rng in ("bytes=0-9", "bytes=abc", "bytes=200000-"):
+        status, headers, body = get(url, {"Range": rng}, method="HEAD")
+        assert (status, headers["Content-Length"], body) == (200, str(len(DATA)), b"")
+        assert "Content-Range" not in headers
+
+
+def test_an_empty_image_has_no_satisfiable_range(host):
+    host.add("empty", b"")
+    url = host.presign("empty")
+    status, headers, body = get(url)
+    assert (status, headers["Content-Length"], body) == (200, "0", b"")
+    for rng in ("bytes=0-", "bytes=-5", "bytes=0-0"):
+        status, headers, body = get(url, {"Range": rng})
+        assert (status, headers["Content-Range"]) == (416, "bytes */0"), rng
+        assert body == b"range not satisfiable: the image is empty\n"
 
 
 def test_resume_across_ranges_reassembles_the_image(host):

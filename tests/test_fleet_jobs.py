@@ -67,7 +67,9 @@ class Device:
     def __init__(self, broker, thing: str | None = None):
         self.thing = thing or f"cart-t{next(_things):03d}"
         self.base = f"$aws/things/{self.thing}/jobs/"
-        self.mqtt = MqttClient(HOST, broker.port, *broker.client_files("cart-01"), client_id=f"dev-{self.thing}")
+        # its own certificate, CN = the thing name: the broker lets a client use only its own thing's topics
+        files = broker.ensure_client_cert(self.thing)
+        self.mqtt = MqttClient(HOST, broker.port, *files, client_id=f"dev-{self.thing}")
         self.mqtt.connect(5)
         self.mqtt.subscribe(self.base + "#")
 
@@ -320,19 +322,69 @@ def test_document_url_is_minted_on_every_read(harness_mqtt, device):
 # refusals
 
 
-def test_transitions_out_of_a_terminal_state_are_refused(service, device):
-    service.create_job("t-1", [device.thing], DOC)
+def _update_with_token(device, job_id: str, body: dict, token: str) -> tuple[str, dict]:
+    since = device.mqtt.log.cursor()
+    device.mqtt.publish(f"{device.base}{job_id}/update", {**body, "clientToken": token}, wait=False)
+    msg = device.mqtt.log.wait_for(f"{device.base}{job_id}/update/+", None, 5, since=since)
+    return msg.topic.rsplit("/", 1)[1], msg.json()
+
+
+@pytest.mark.parametrize(
+    ("final", "details", "asked"),
+    [
+        ("SUCCEEDED", {"reason": "accepted v1.6.0"}, "IN_PROGRESS"),   # AWS's own example
+        ("FAILED", {"reason": "rejected: bad signature"}, "SUCCEEDED"),
+        ("SUCCEEDED", {"reason": "accepted v1.6.0"}, "SUCCEEDED"),     # a retry of the same update
+        ("REJECTED", {"reason": "wrong hardware"}, "FAILED"),
+    ],
+)
+def test_an_update_of_a_terminal_execution_is_invalid_state_transition(service, device, changes, final, details,
+                                                                         asked):
+    """AWS: "InvalidStateTransition: An update attempted to change the job execution to a state that is
+    invalid because of the job execution's current state ... the body of the error message also contains
+    the executionState field." TerminalStateReached is documented for describe only."""
+    service.create_job("t-1", [device.thing], DOC, step_timeout_s=30)
     device.request("start-next")
-    assert device.request("t-1/update", {"status": "SUCCEEDED"})[0] == "accepted"
-    outcome, body = device.request("t-1/update", {"status": "IN_PROGRESS"})
-    assert outcome == "rejected" and body["code"] == "InvalidStateTransition"
-    assert body["executionState"]["status"] == "SUCCEEDED" and _epoch_ok(body["timestamp"])
-    outcome, body = device.request("t-1/update", {"status": "FAILED"})
-    assert (outcome, body["code"]) == ("rejected", "TerminalStateReached")
+    assert device.request("t-1/update", {"status": final, "statusDetails": details})[0] == "accepted"
+    device.notification("notify", lambda m: m.json().get("jobs") == {})   # what that update caused
+    device.notification("notify-next", NOTHING_NEXT)
+    before = service.execution("t-1", device.thing)
+    assert (before["status"], before["versionNumber"]) == (final, 3)
+    n_changes, since = len(changes), device.mqtt.log.cursor()
+
+    token = f"tok-{final}-{asked}"
+    outcome, body = _update_with_token(
+        device, "t-1", {"status": asked, "statusDetails": {"reason": "late"}, "stepTimeoutInMinutes": 5,
+                        "includeJobExecutionState": True, "includeJobDocument": True}, token)
+    assert outcome == "rejected", body
+    assert set(body) == {"code", "message", "timestamp", "clientToken", "executionState"}, body
+    assert body["code"] == "InvalidStateTransition" and body["clientToken"] == token and _epoch_ok(body["timestamp"])
+    assert body["executionState"] == {"status": final, "statusDetails": details, "versionNumber": 3}
+    assert final in body["message"] and asked in body["message"]
+
+    # nothing changed: the service's view, a device's describe, history, timers, and no notification
+    assert service.execution("t-1", device.thing) == before
+    outcome, desc = device.request("t-1/get", {"includeJobDocument": False})
+    assert outcome == "accepted"
+    ex = desc["execution"]
+    assert (ex["status"], ex["statusDetails"], ex["versionNumber"]) == (final, details, 3)
+    assert ex["lastUpdatedAt"] == before["lastUpdatedAt"] and "approximateSecondsBeforeTimedOut" not in ex
+    assert len(changes) == n_changes and service.history("t-1")[-1].new == final
+    assert device.mqtt.log.messages(device.base + "notify", since) == []
+    assert device.mqtt.log.messages(device.base + "notify-next", since) == []
+    assert [r.outcome for r in service.requests() if r.client_token == token] == ["InvalidStateTransition"]
+
+
+def test_a_terminal_update_with_a_stale_expected_version_is_a_version_mismatch(service, device):
+    """expectedVersion is checked before the terminal state (both carry executionState)."""
+    service.create_job("t-2", [device.thing], DOC)
+    device.request("start-next")
+    device.request("t-2/update", {"status": "SUCCEEDED"})
+    outcome, body = device.request("t-2/update", {"status": "SUCCEEDED", "expectedVersion": 2})
+    assert (outcome, body["code"], body["executionState"]["status"]) == ("rejected", "VersionMismatch", "SUCCEEDED")
+    outcome, body = device.request("t-2/update", {"status": "SUCCEEDED", "expectedVersion": 3})
+    assert (outcome, body["code"]) == ("rejected", "InvalidStateTransition")
     assert body["executionState"] == {"status": "SUCCEEDED", "statusDetails": {}, "versionNumber": 3}
-    # a terminal execution can still be described
-    outcome, body = device.request("t-1/get")
-    assert outcome == "accepted" and body["execution"]["status"] == "SUCCEEDED"
 
 
 @pytest.mark.parametrize("status", ["QUEUED", "TIMED_OUT", "CANCELED", "REMOVED", "succeeded", 3, None])
@@ -461,7 +513,7 @@ def test_fuzzed_requests_always_get_an_answer_and_never_break_the_service(servic
     assert not [r for r in handled if r.outcome == "InternalError"]
     codes = {r.outcome for r in handled}
     assert codes <= {"accepted", "InvalidJson", "InvalidRequest", "InvalidTopic", "ResourceNotFound",
-                     "VersionMismatch", "InvalidStateTransition", "TerminalStateReached"}, codes
+                     "VersionMismatch", "InvalidStateTransition"}, codes
     assert device.request("get")[0] == "accepted"  # still serving
 
 
@@ -480,8 +532,8 @@ def test_step_timeout_times_the_execution_out(service, device, changes):
     nn = device.notification("notify-next", NOTHING_NEXT)
     assert set(nn) == {"timestamp"}
     outcome, body = device.request("st-1/update", {"status": "SUCCEEDED"})
-    assert outcome == "rejected" and body["code"] == "TerminalStateReached"
-    assert body["executionState"]["status"] == "TIMED_OUT"
+    assert outcome == "rejected" and body["code"] == "InvalidStateTransition"
+    assert body["executionState"] == {"status": "TIMED_OUT", "statusDetails": {}, "versionNumber": 3}
 
 
 def test_device_step_timeout_in_lab_minutes_can_be_reset_and_cleared(service, device):
@@ -531,7 +583,7 @@ def test_cancel_needs_force_for_an_execution_in_progress(service, device, broker
         assert service.execution("cx-1", device.thing)["status"] == "CANCELED"
         assert service.job("cx-1").status == "CANCELED"
         outcome, body = device.request("cx-1/update", {"status": "SUCCEEDED"})
-        assert (body["code"], body["executionState"]["status"]) == ("TerminalStateReached", "CANCELED")
+        assert (body["code"], body["executionState"]["status"]) == ("InvalidStateTransition", "CANCELED")
         assert device.request("cx-1/update", {"status": "IN_PROGRESS"})[1]["code"] == "InvalidStateTransition"
     finally:
         other.close()

@@ -25,11 +25,21 @@ the request's ``clientToken``; every rejection is ``{"code", "message", "timesta
 
 Statuses: a device may set IN_PROGRESS, SUCCEEDED, FAILED, REJECTED (from QUEUED or IN_PROGRESS;
 IN_PROGRESS -> IN_PROGRESS updates the details). The service sets TIMED_OUT (step timer or
-in-progress timer, each a scheduled deadline) and CANCELED (`cancel`). An update to a terminal
-execution is refused: ``InvalidStateTransition`` if it asks for IN_PROGRESS again (AWS's own example,
-SUCCEEDED -> IN_PROGRESS), ``TerminalStateReached`` if it asks for a terminal status; both carry
-``executionState``. Checks run in this order: request shape (InvalidJson, InvalidRequest, InvalidTopic),
-existence and executionNumber (ResourceNotFound), expectedVersion (VersionMismatch), terminal state.
+in-progress timer, each a scheduled deadline) and CANCELED (`cancel`). Every update of a terminal
+execution is refused with ``InvalidStateTransition`` and the execution's ``executionState`` (status,
+statusDetails, versionNumber), whatever status it asks for: IN_PROGRESS again, another terminal
+status, or the same terminal status once more (a retry is not idempotent: its rejection's
+``executionState`` tells the device that its first update landed). This follows the AWS IoT Jobs
+ErrorResponse reference: "InvalidStateTransition: An update attempted to change the job execution
+to a state that is invalid because of the job execution's current state (for example, an attempt to
+change a request in state SUCCEEDED to state IN_PROGRESS). In this case, the body of the error
+message also contains the executionState field." AWS documents ``TerminalStateReached`` only for
+describing ("Occurs when a command to describe a job is performed on a job that is in a terminal
+state"), never for an update, so an update never gets it (and a describe of a terminal execution
+is answered, as a device that lost an update reply needs). Checks run in this order: request shape
+(InvalidJson, InvalidRequest, InvalidTopic), existence and executionNumber (ResourceNotFound),
+expectedVersion (VersionMismatch), terminal state (InvalidStateTransition); a refused update changes
+nothing (status, details, version, timers, history).
 
 Timeouts in the lab: ``stepTimeoutInMinutes`` from a device (1..10080, or -1 on update to clear the
 step timer, as AWS allows) is multiplied by ``minute_s`` (default 60 s; a virtual rig may scale it
@@ -834,9 +844,17 @@ class JobsService:
         if expected is not None and expected != ex.version:
             raise _Rejected("VersionMismatch", f"expectedVersion {expected} but the execution is at {ex.version}", ex)
         if ex.status in TERMINAL:
-            if status == IN_PROGRESS:
-                raise _Rejected("InvalidStateTransition", f"{ex.status} -> {status} is not allowed", ex)
-            raise _Rejected("TerminalStateReached", f"the execution is already {ex.status}", ex)
+            # AWS IoT Jobs ErrorResponse: "InvalidStateTransition: An update attempted to change the job
+            # execution to a state that is invalid because of the job execution's current state (for
+            # example, an attempt to change a request in state SUCCEEDED to state IN_PROGRESS). In this
+            # case, the body of the error message also contains the executionState field."
+            # TerminalStateReached is documented for a describe only, so every update of a terminal
+            # execution (IN_PROGRESS, another terminal status, or the same one again) gets this code.
+            raise _Rejected(
+                "InvalidStateTransition",
+                f"job {job_id} on {thing} is already {ex.status} (terminal): {ex.status} -> {status} is not allowed",
+                ex,
+            )
         before = self._snapshot(thing)
         old = ex.status
         if details is not None:
