@@ -18,6 +18,8 @@ from harness.config import Rig, Slot
 from harness.console import Console, ConsoleError, Shell
 from harness.power import ChannelPower, SupplyError, open_supply
 
+CONSOLE_UP_S = 10.0  # s, power-on waits this long for a lost console port to be reopened
+
 
 class CartState(enum.Enum):
     OFF = "off"
@@ -178,9 +180,19 @@ class Cart:
         self._infra(self.power.set_voltage, lim.voltage)
         self._infra(self.power.set_current_limit, lim.current_limit)
         self.console.mark()
+        self._console_up()
         self._infra(self.power.on)
         self.state = CartState.BOOTLOADER
         return self.wait_boot(timeout=timeout) if wait else None
+
+    def _console_up(self) -> None:
+        """A console whose port was lost (a dropped ser2net connection, an unplugged adapter) is
+        reopened by its reader; power on only once it is back, or the boot log goes to nobody."""
+        try:
+            self.console.wait_port(CONSOLE_UP_S, what=f"{self.id} console before power on")
+        except ConsoleError as exc:
+            self.quarantine(f"console down: {exc}")
+            raise CartError(f"{self.id}: {exc}") from None
 
     def power_cycle(self, *, off_time: float | None = None, wait: bool = True,
                     timeout: float | None = None) -> Banner | None:

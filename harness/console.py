@@ -16,6 +16,14 @@ matched without the old part of the line matching again.
 If the port itself fails (a USB adapter unplugged, a ser2net connection dropped) the reader
 notes ``[console] port lost: ...`` in the log and reopens the port with a bounded backoff
 until `close()`; waits keep waiting for their deadline meanwhile.
+
+Remote consoles (ser2net, a labgrid exporter): ``rfc2217://host:port`` is opened with pyserial's
+``ign_set_control`` option added (unless the URL has it): ser2net in front of a UART without
+modem control does not acknowledge SET_CONTROL the way pyserial waits for, and the harness sets
+no control lines or flow control anyway. ``socket://host:port`` is a raw TCP byte stream. Every
+write is bounded by `_WRITE_TIMEOUT`: by pyserial's ``write_timeout`` where the port supports it,
+and on ``rfc2217://`` (whose client refuses ``write_timeout``) by the timeout of its TCP socket,
+which since Python 3.5 bounds a whole ``sendall``.
 """
 
 from __future__ import annotations
@@ -25,6 +33,7 @@ import logging
 import os
 import re
 import select
+import socket
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -32,6 +41,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import IO, Any
+from urllib.parse import parse_qs, urlsplit, urlunsplit
 
 import serial
 
@@ -43,6 +53,8 @@ __all__ = [
     "Listener",
     "Shell",
     "ShellError",
+    "port_options",
+    "serial_url",
     "strip_control",
 ]
 
@@ -173,8 +185,10 @@ class Console:
 
         self._write_lock = threading.Lock()          # guards _port swaps and writes
         self._port: serial.SerialBase | None = None
+        self._port_down = ""                         # why _port is None while open (under _cond)
         self._log_lock = threading.Lock()
         self._log: IO[str] | None = None
+        self.log_error: str | None = None  # why the log file stopped (a failed write), if it did
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
         self._wake_r = self._wake_w = -1
@@ -189,7 +203,8 @@ class Console:
         if self.log_path is not None:
             self.log_path.parent.mkdir(parents=True, exist_ok=True)
             self._log = open(self.log_path, "a", encoding="utf-8")  # noqa: SIM115 - closed in close()
-        self._note(f"open {self.url}")
+        opened_as = serial_url(self.url)
+        self._note(f"open {self.url}" + (f" (as {opened_as})" if opened_as != self.url else ""))
         try:
             port = self._open_port()
         except (serial.SerialException, OSError, ValueError) as exc:
@@ -197,6 +212,7 @@ class Console:
             self._close_log()
             raise ConsoleError(f"console {self.name}: cannot open {self.url}: {exc}") from exc
         self._port = port
+        self._port_down = ""
         self._stop = threading.Event()
         self._wake_r, self._wake_w = os.pipe()
         with self._cond:
@@ -258,6 +274,39 @@ class Console:
     @property
     def is_open(self) -> bool:
         return self._open
+
+    @property
+    def connected(self) -> bool:
+        """Open and the port is up: not lost and waiting to be reopened (a dropped ser2net connection)."""
+        return self._open and self._port is not None
+
+    def wait_port(self, timeout: float, *, up: bool = True, what: str | None = None) -> None:
+        """Wait until the port is up (``up=True``: at once unless it was lost and is being reopened)
+        or until the reader has noticed it is lost (``up=False``). Output that arrives while a remote
+        console's connection is down is lost to it, so wait for the port before powering a cart on.
+        Raises ConsoleError naming what was awaited, how long, and why the port is down."""
+        want = "up" if up else "lost"
+        t0 = time.monotonic()
+        deadline = t0 + timeout
+        with self._cond:
+            while True:
+                if not self._open:
+                    raise ConsoleError(f"console {self.name}: not open while waiting for its port to be {want}"
+                                       + (f" ({what})" if what else ""))
+                if (self._port is not None) == up:
+                    return
+                now = time.monotonic()
+                if now >= deadline:
+                    break
+                self._cond.wait(deadline - now)
+            down = self._port_down
+        tail = "\n".join(f"    | {line}" for line in self.tail().splitlines()) or "    (nothing received)"
+        raise ConsoleError(
+            f"console {self.name}: port {self.url} not {want}" + (f" ({what})" if what else "")
+            + f" after {time.monotonic() - t0:.2f} s" + (f"; down: {down}" if up and down else "")
+            + f"\nlast lines received (control codes stripped):\n{tail}\n"
+            f"full log: {self.log_path if self.log_path is not None else '(no log file for this console)'}"
+        )
 
     # ---- reading ---------------------------------------------------------------------------
 
@@ -399,12 +448,14 @@ class Console:
     # ---- internals -------------------------------------------------------------------------
 
     def _open_port(self) -> serial.SerialBase:
-        port = serial.serial_for_url(self.url, do_not_open=True, baudrate=self.baudrate,
-                                     write_timeout=_WRITE_TIMEOUT)
+        url = serial_url(self.url)
+        port = serial.serial_for_url(url, do_not_open=True, **port_options(url, self.baudrate))
         # Ports with a file descriptor are waited on with select() (no read timeout, woken by
         # close()); others are read with a short timeout.
         port.timeout = 0 if _has_fileno(port) else _FALLBACK_READ_TIMEOUT
         port.open()
+        if _is_rfc2217(url):
+            _bound_socket_writes(port)
         return port
 
     def _reader(self, port: serial.SerialBase, stop: threading.Event, wake_r: int) -> None:
@@ -419,8 +470,7 @@ class Console:
                     lost = exc if isinstance(exc, serial.SerialException | OSError) else repr(exc)
                     if not isinstance(exc, serial.SerialException | OSError):
                         log.exception("console %s: reader failed", self.name)
-                with self._write_lock:
-                    self._port = None
+                self._set_port(None, f"lost: {lost}")
                 _close_quietly(port)
                 self._end_partial_line()
                 self._note(f"port lost: {lost}")
@@ -445,14 +495,22 @@ class Console:
             except (serial.SerialException, OSError, ValueError) as exc:
                 if attempts == 1:
                     self._note(f"reopen failed, retrying every <= {_BACKOFF_MAX:.1f} s: {exc}")
+                with self._cond:
+                    self._port_down = f"reopen attempt {attempts} failed: {exc}"
                 backoff = min(backoff * 2, _BACKOFF_MAX)
                 continue
-            with self._write_lock:
-                self._port = port
+            self._set_port(port)
             self._note(f"port reopened after {attempts} attempt(s)")
             log.info("console %s: port reopened", self.name)
             return port
         return None
+
+    def _set_port(self, port: serial.SerialBase | None, down: str = "") -> None:
+        with self._write_lock:
+            self._port = port
+        with self._cond:
+            self._port_down = down
+            self._cond.notify_all()
 
     def _read_until_stopped(self, port: serial.SerialBase, stop: threading.Event, wake_r: int) -> None:
         if port.timeout == 0:
@@ -509,27 +567,78 @@ class Console:
                 self._lines.extend(new)
             self._partial = partial
             self._cond.notify_all()
-        if new and self._log is not None:
-            with self._log_lock:
-                if self._log is not None:
-                    stamp = _iso(t_wall)   # one read, one time: the same for all its lines
-                    self._log.write("".join(f"{stamp} {line.text}\n" for line in new))
-                    self._log.flush()
+        if new:
+            stamp = _iso(t_wall)   # one read, one time: the same for all its lines
+            self._write_log("".join(f"{stamp} {line.text}\n" for line in new))
 
     def _note(self, text: str) -> None:
         """A harness note in the log (never a Line: it cannot match)."""
+        self._write_log(f"{_iso(time.time())} [console] {text}\n")
+
+    def _write_log(self, text: str) -> None:
+        """Append to the log file. A write that fails (disk full, file system gone read-only) stops
+        the log and is kept in `log_error` for the run to end on; it never touches the port or the
+        lines in memory, so waits on this console go on working."""
         if self._log is None:
             return
         with self._log_lock:
-            if self._log is not None:
-                self._log.write(f"{_iso(time.time())} [console] {text}\n")
+            if self._log is None:
+                return
+            try:
+                self._log.write(text)
                 self._log.flush()
+            except OSError as exc:
+                self.log_error = f"cannot write {self.log_path}: {exc.strerror or exc}"
+                f, self._log = self._log, None
+                try:
+                    f.close()
+                except OSError:
+                    pass
 
     def _close_log(self) -> None:
         with self._log_lock:
             f, self._log = self._log, None
         if f is not None:
             f.close()
+
+
+def _is_rfc2217(url: str) -> bool:
+    return url.lower().startswith("rfc2217://")
+
+
+def serial_url(url: str) -> str:
+    """The URL pyserial opens for a rig's console URL: an ``rfc2217://`` URL gets the
+    ``ign_set_control`` option unless it already has it (any other URL is unchanged)."""
+    if not _is_rfc2217(url):
+        return url
+    parts = urlsplit(url)
+    if "ign_set_control" in parse_qs(parts.query, keep_blank_values=True):
+        return url
+    query = f"{parts.query}&ign_set_control" if parts.query else "ign_set_control"
+    return urlunsplit(parts._replace(query=query))
+
+
+def port_options(url: str, baudrate: int = 115200) -> dict[str, Any]:
+    """Keyword arguments for ``serial.serial_for_url(url, ...)``. pyserial's RFC 2217 client
+    raises NotImplementedError on ``write_timeout`` when it opens: its writes are bounded by
+    `_bound_socket_writes` instead."""
+    options: dict[str, Any] = {"baudrate": baudrate}
+    if not _is_rfc2217(url):
+        options["write_timeout"] = _WRITE_TIMEOUT
+    return options
+
+
+def _bound_socket_writes(port: serial.SerialBase) -> None:
+    """An RFC 2217 port writes with ``socket.sendall`` on a socket in timeout mode (pyserial
+    connects it with a 5 s timeout); make that bound ours. With a timeout a ``sendall`` that
+    cannot finish in time raises ``TimeoutError``, which pyserial turns into SerialException."""
+    sock = getattr(port, "_socket", None)
+    if isinstance(sock, socket.socket):
+        sock.settimeout(_WRITE_TIMEOUT)
+    else:  # a pyserial that no longer keeps its socket there: say so rather than block unbounded
+        _close_quietly(port)
+        raise serial.SerialException(f"{type(port).__name__} has no socket to bound its writes with; "
+                                     f"cannot guarantee a {_WRITE_TIMEOUT:.0f} s write bound")
 
 
 def _has_fileno(port: Any) -> bool:

@@ -18,7 +18,18 @@ import tty
 
 import pytest
 
-from harness.console import Console, ConsoleError, ConsoleTimeout, Line, Shell, ShellError, strip_control
+import harness.console
+from harness.console import (
+    Console,
+    ConsoleError,
+    ConsoleTimeout,
+    Line,
+    Shell,
+    ShellError,
+    port_options,
+    serial_url,
+    strip_control,
+)
 
 ISO_LINE = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}[+-]\d\d:\d\d (.*)$")
 
@@ -230,6 +241,23 @@ def test_timeout_error_names_pattern_wait_tail_and_log(pty, make_console, tmp_pa
     with pytest.raises(ConsoleTimeout) as info:
         c.expect_any({"ready": "FW: ready", "crash": "BL: firmware crashed"}, 0.05)
     assert "ready: FW: ready | crash: BL: firmware crashed" in str(info.value)
+
+
+def test_a_log_write_that_fails_is_kept_and_the_console_goes_on(pty, tmp_path, make_console):
+    """Disk full while logging (a log that is /dev/full: a real ENOSPC): the console keeps reading and
+    matching, the port is not "lost", and log_error says why the log stopped (the plugin ends the run)."""
+    log_path = tmp_path / "slot01.log"
+    log_path.symlink_to("/dev/full")
+    c = make_console(pty.path, name="slot01", log_path=log_path)
+    pty.release_slave()
+    pty.write("BL: first line\r\n")
+    c.expect("first line", 2)
+    assert c.log_error == f"cannot write {log_path}: No space left on device"
+    pty.write("FW: ready\r\n")
+    c.expect("FW: ready", 2)
+    c.send("version")
+    assert b"version" in pty.read_until(b"\n")
+    assert c.connected
 
 
 def test_log_file_has_one_flushed_line_per_received_line(pty, tmp_path, make_console):
@@ -510,6 +538,62 @@ def test_socket_console_and_reconnect(tmp_path, make_console):
         assert texts[texts.index("cart> ") + 1] == "FW: ready"
     finally:
         server.close()
+
+
+@pytest.mark.parametrize(("url", "opened"), [
+    ("rfc2217://ser2net.lab:4004", "rfc2217://ser2net.lab:4004?ign_set_control"),
+    ("RFC2217://ser2net.lab:4004/", "rfc2217://ser2net.lab:4004/?ign_set_control"),
+    ("rfc2217://ser2net.lab:4004?timeout=5", "rfc2217://ser2net.lab:4004?timeout=5&ign_set_control"),
+    ("rfc2217://ser2net.lab:4004?ign_set_control", "rfc2217://ser2net.lab:4004?ign_set_control"),
+    ("rfc2217://ser2net.lab:4004?logging=debug&ign_set_control=1",
+     "rfc2217://ser2net.lab:4004?logging=debug&ign_set_control=1"),
+    ("socket://ser2net.lab:4005", "socket://ser2net.lab:4005"),
+    ("/dev/serial/by-id/usb-FTDI-if00-port0", "/dev/serial/by-id/usb-FTDI-if00-port0"),
+])
+def test_rfc2217_urls_get_ign_set_control_once_others_are_unchanged(url, opened):
+    assert serial_url(url) == opened
+
+
+def test_writes_are_bounded_by_write_timeout_except_on_rfc2217():
+    """pyserial's RFC 2217 client refuses write_timeout (its socket's timeout bounds writes there)."""
+    assert "write_timeout" not in port_options("rfc2217://h:1?ign_set_control")
+    for url in ("socket://h:1", "/dev/ttyUSB0", "loop://"):
+        assert port_options(url)["write_timeout"] == harness.console._WRITE_TIMEOUT
+    assert port_options("socket://h:1", 9600)["baudrate"] == 9600
+
+
+def test_wait_port_says_why_a_lost_port_is_down_and_returns_once_it_is_back(tmp_path, make_console):
+    link = tmp_path / "dev" / "serial" / "by-id" / "vcart-slot01"
+    link.parent.mkdir(parents=True)
+    first = Pty()
+    os.symlink(first.path, link)
+    c = make_console(str(link))
+    first.release_slave()
+    c.wait_port(0)                                   # a port that is up: at once
+    assert c.connected
+    first.close()                                    # unplugged
+    c.wait_port(3, up=False, what="adapter unplugged")
+    assert not c.connected
+    t0 = time.monotonic()
+    with pytest.raises(ConsoleError) as err:
+        c.wait_port(0.2, what="before power on")
+    assert 0.2 <= time.monotonic() - t0 < 1.0
+    msg = str(err.value)
+    assert f"port {link} not up (before power on) after 0.2" in msg and "down: " in msg
+    assert "full log: " in msg
+
+    second = Pty()                                   # plugged in again
+    try:
+        tmp_link = link.with_name("tmp-link")
+        os.symlink(second.path, tmp_link)
+        os.replace(tmp_link, link)
+        c.wait_port(5, what="adapter replugged")
+        assert c.connected
+    finally:
+        c.close()
+        second.close()
+    with pytest.raises(ConsoleError, match="not open"):
+        c.wait_port(1)
 
 
 def test_port_without_a_file_descriptor_is_read_with_a_timeout(make_console):
