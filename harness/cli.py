@@ -37,15 +37,16 @@ SUITES = {
 
 
 def cmd_smoke(a: argparse.Namespace) -> int:
-    try:
-        rig = Rig.load(a.rig)
-        slots = rig.select(a.cart, a.tag)
-    except ConfigError as exc:
-        print(f"hil: {exc}", file=sys.stderr)
-        return 2
+    from harness.plugin import dir_write_problem
+
+    rig = Rig.load(a.rig)
+    slots = rig.select(a.cart, a.tag)
     n = a.workers or max(1, len(slots))
     stamp = time.strftime("%Y%m%d-%H%M%S")
     out = ROOT / "reports" / a.cmd / stamp
+    why = dir_write_problem(out)
+    if why:  # before anything runs: a gate whose reports cannot be written has no verdict to give
+        return _refuse(f"cannot write reports in {out}: {why}")
     args = [*SUITES[a.cmd], "--rig", str(rig.path), "-n", str(n),
             f"--junitxml={out / 'junit.xml'}", f"--alluredir={out / 'allure-results'}", "-q",
             "-p", "no:hypothesispytest"]  # a dev-only plugin the suites never use
@@ -68,11 +69,7 @@ def cmd_test(a: argparse.Namespace) -> int:
 
 
 def cmd_rig_check(a: argparse.Namespace) -> int:
-    try:
-        rig = Rig.load(a.rig)
-    except ConfigError as exc:
-        print(f"hil: {exc}", file=sys.stderr)
-        return 2
+    rig = Rig.load(a.rig)
     print(f"{rig.path}: {rig.name} ({rig.spec.kind}), {len(rig.slots)} slots, {len(rig.spec.supplies)} supplies")
     for s in rig.slots:
         c = s.cart
@@ -82,11 +79,7 @@ def cmd_rig_check(a: argparse.Namespace) -> int:
 
 
 def cmd_rack_up(a: argparse.Namespace) -> int:
-    try:
-        rig = Rig.load(a.rig)
-    except ConfigError as exc:
-        print(f"hil: {exc}", file=sys.stderr)
-        return 2
+    rig = Rig.load(a.rig)
     if rig.spec.virtual and rig.spec.virtual.pki:
         from harness.pki import LabPki
 
@@ -143,7 +136,18 @@ def main(argv: list[str] | None = None) -> int:
     a = ap.parse_args(argv)
     if getattr(a, "pytest_args", None) and a.pytest_args[:1] == ["--"]:
         a.pytest_args = a.pytest_args[1:]
-    return a.fn(a)
+    from harness.rackctl import RackStartError
+
+    try:
+        return a.fn(a)
+    except (ConfigError, RackStartError) as exc:  # a bad rig, cart or profile; a rack that will not start
+        return _refuse(str(exc))
+
+
+def _refuse(message: str) -> int:
+    """One line on stderr (the first line of `message`: the cause), exit status 2."""
+    print(f"hil: {(message.splitlines() or [''])[0]}", file=sys.stderr)
+    return 2
 
 
 if __name__ == "__main__":

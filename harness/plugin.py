@@ -12,11 +12,15 @@ to one worker (``--dist loadgroup`` with one group per cart).
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import tempfile
 import time
 import uuid
+from collections import Counter
 from pathlib import Path
+from typing import NoReturn
 
 import pytest
 
@@ -61,13 +65,74 @@ def pytest_configure(config: pytest.Config) -> None:
             config.option.dist = "loadgroup"
     state = HilState(config, rig_path, run_id, run_dir, owner)
     config.stash[STATE] = state
-    if not _is_worker(config):
-        config.pluginmanager.register(ResultWriter(state), "cart-hil-results")
-    if rig_opt:  # an explicitly named rig is validated before anything runs
+    if rig_opt:  # an explicitly named rig (and the selection on it) is validated before anything runs
         try:
-            _ = state.rig
+            state.selected()
         except ConfigError as exc:
-            raise pytest.UsageError(str(exc)) from None
+            _abort(config, str(exc))
+    if not _is_worker(config):
+        if not getattr(config.option, "help", False):
+            _check_reports(config, run_dir)
+        config.pluginmanager.register(ResultWriter(state), "cart-hil-results")
+
+
+def _abort(config: pytest.Config, message: str) -> NoReturn:
+    """End the whole run now with one line and exit status 2 (a rig or rack that cannot be used,
+    reports that cannot be written). In an xdist worker the line goes to the controller, which
+    ends the run with it (see pytest_testnodedown): a worker's own exit would only say "crashed"."""
+    line = "hil: " + (message.splitlines() or [""])[0]
+    if _is_worker(config):
+        config.workeroutput["hil_abort"] = line
+    pytest.exit(line, returncode=2)
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_testnodedown(node, error) -> None:  # xdist hook, controller side
+    line = getattr(node, "workeroutput", {}).get("hil_abort")
+    if line:
+        pytest.exit(line, returncode=2)
+
+
+def dir_write_problem(d: Path, min_free: int = 1 << 20) -> str | None:
+    """Why files cannot be written in directory `d` (made if missing), or None: the directory
+    cannot be made or written, or its file system has less than `min_free` bytes left."""
+    try:
+        if d.exists() and not d.is_dir():
+            return os.strerror(errno.ENOTDIR)
+        d.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".hil-write-check-", dir=d)
+        try:
+            os.write(fd, b"x")
+        finally:
+            os.close(fd)
+            os.unlink(probe)
+    except OSError as exc:
+        return exc.strerror or str(exc)
+    try:
+        fs = os.statvfs(d)
+    except OSError:
+        return None
+    free = fs.f_bavail * fs.f_frsize
+    if fs.f_blocks and free < min_free:  # (a pseudo file system reports no blocks at all)
+        return f"only {free // 1024} KiB free on its file system"
+    return None
+
+
+def _check_reports(config: pytest.Config, run_dir: Path) -> None:
+    """Before anything runs: every place this run writes reports to can be written."""
+    targets = [(f"the run's results and consoles in {run_dir}", run_dir)]
+    xml = getattr(config.option, "xmlpath", None)
+    if xml:  # junitxml writes it at the very end: an error then would lose the whole run's report
+        xml_path = Path(os.path.abspath(os.path.expanduser(os.path.expandvars(xml))))
+        targets.append((f"--junitxml {xml_path}", xml_path.parent))
+    allure = getattr(config.option, "allure_report_dir", None)
+    if allure:
+        d = Path(os.path.abspath(os.path.expanduser(allure)))
+        targets.append((f"--alluredir {d}", d))
+    for what, d in targets:
+        why = dir_write_problem(d)
+        if why:
+            _abort(config, f"cannot write {what}: {why}")
 
 
 def pytest_configure_node(node) -> None:  # xdist hook, controller side
@@ -118,6 +183,7 @@ class HilState:
         self.run_dir = run_dir
         self.owner_pid = owner_pid
         self._rig: Rig | None = None
+        self.unusable: str | None = None  # why the rig cannot be used, found while collecting
 
     @property
     def rig(self) -> Rig:
@@ -135,8 +201,9 @@ class HilState:
             return
         import fcntl
 
-        from harness.rackctl import rack_state, start_rack
+        from harness.rackctl import check_run_dir, rack_state, start_rack
 
+        check_run_dir(rig)  # before the lock file: nothing goes into a directory that is not a rack's
         rig.run_dir.mkdir(parents=True, exist_ok=True)
         with open(rig.run_dir / ".rack.lock", "w") as lk:
             fcntl.flock(lk, fcntl.LOCK_EX)
@@ -176,11 +243,18 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     st: HilState = metafunc.config.stash[STATE]
     try:
         slots = st.selected()
-    except ConfigError as exc:
-        raise pytest.UsageError(str(exc)) from None
+    except ConfigError as exc:  # ended once collection is done (an exit in here is just a collection error)
+        st.unusable = st.unusable or str(exc)
+        slots = []
     # one xdist group per cart: under loadgroup all of a cart's tests run on one worker, in order
     params = [pytest.param(s.cart_id, id=s.cart_id, marks=pytest.mark.xdist_group(s.cart_id)) for s in slots]
     metafunc.parametrize("cart", params, indirect=True)
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    st: HilState | None = session.config.stash.get(STATE, None)
+    if st is not None and st.unusable:
+        _abort(session.config, st.unusable)
 
 
 # ------------------------------------------------------------------ fixtures
@@ -188,13 +262,17 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
 
 @pytest.fixture(scope="session")
 def rig(request: pytest.FixtureRequest) -> Rig:
+    from harness.rackctl import RackStartError
+
     st: HilState = request.config.stash[STATE]
     try:
         r = st.rig
-    except ConfigError as exc:
-        pytest.exit(str(exc), returncode=4)
-    st.ensure_rack()
-    r.preflight()
+        st.ensure_rack()
+        r.preflight()
+    except (ConfigError, RackStartError) as exc:
+        _abort(request.config, str(exc))
+    except OSError as exc:  # the rack's run dir cannot be made or locked
+        _abort(request.config, f"{st.rig_path}: virtual.run_dir: cannot use {r.run_dir}: {exc.strerror or exc}")
     return r
 
 
@@ -220,6 +298,8 @@ def cart(request: pytest.FixtureRequest, bench):
         c.safe_state()
     finally:
         _attach_console(request.node, c, start)
+        if c.console.log_error:  # the console log could not be written: this run keeps no evidence
+            _abort(request.config, f"{c.console.log_error} — run stopped")
 
 
 CART_KEY = pytest.StashKey[tuple]()
@@ -286,13 +366,31 @@ def _attach_console(item: pytest.Item, cart, start: int) -> None:
 
 class ResultWriter:
     """One JSON line per test outcome, appended the moment it is known, so a killed run still
-    leaves its results. Registered in the controller only (xdist workers report to it)."""
+    leaves its results. Registered in the controller only (xdist workers report to it).
+
+    A line that cannot be written (disk full, file system gone read-only) ends the run at once
+    with one line and the verdict so far: a gate whose results are lost has no verdict."""
 
     def __init__(self, state: HilState):
         self.state = state
         self.path = state.run_dir / "results.jsonl"
+        self.counts: Counter[str] = Counter()
+
+    def _tally(self, report: pytest.TestReport) -> None:
+        xfail = hasattr(report, "wasxfail")
+        if report.failed:
+            self.counts["failed" if report.when == "call" else "error"] += 1
+        elif report.skipped:
+            self.counts["xfailed" if xfail else "skipped"] += 1
+        elif report.when == "call":
+            self.counts["xpassed" if xfail else "passed"] += 1
+
+    def verdict(self) -> str:
+        order = ("passed", "failed", "error", "skipped", "xfailed", "xpassed")
+        return ", ".join(f"{self.counts[k]} {k}" for k in order if self.counts[k]) or "no test finished"
 
     def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
+        self._tally(report)
         if report.when != "call" and report.outcome == "passed":
             return
         if report.when == "teardown" and report.outcome == "skipped":
@@ -303,9 +401,13 @@ class ResultWriter:
                "t": round(time.time(), 3)}
         if report.failed and report.longrepr:
             rec["reason"] = str(getattr(report.longrepr, "reprcrash", None) or report.longrepr).splitlines()[-1][:500]
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.path, "a") as f:
-            f.write(json.dumps(rec) + "\n")
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            with open(self.path, "a") as f:
+                f.write(json.dumps(rec) + "\n")
+        except OSError as exc:
+            _abort(self.state.config, f"cannot write {self.path}: {exc.strerror or exc} — run stopped; "
+                                      f"so far {self.verdict()}")
 
 
 def pytest_runtest_setup(item: pytest.Item) -> None:

@@ -6,6 +6,8 @@ import json
 import re
 from pathlib import Path
 
+import pytest
+
 from harness.config import Rig
 from harness.rackctl import rack_state
 
@@ -86,7 +88,32 @@ def test_bad_rig_is_one_line_and_nothing_starts(pytester, rig_factory):
     rig_path.write_text(text)
     pytester.makepyfile(test_scenario=SUITE)
     res = run(pytester, "--rig", str(rig_path))
-    assert res.ret != 0
-    err = res.stderr.str()
-    assert "rig.yaml: supply psu-r: dialect: unknown dialect 'rigol-dp9000'" in err
+    assert res.ret == 2
+    (line,) = res.stderr.lines
+    assert line.startswith(f"Exit: hil: {rig_path}: supply psu-r: dialect: unknown dialect 'rigol-dp9000'; known: ")
+    assert "Traceback" not in res.stdout.str()
+    assert not (rig_path.parent / "run").exists(), "nothing started"
+
+
+@pytest.mark.parametrize("workers", [[], ["-n", "2"]], ids=["in-process", "xdist"])
+def test_unusable_default_rig_is_one_line_once_collected(pytester, workers):
+    # no --rig: the default rig (rigs/virtual.yaml under the rootdir; absent here) is read when a
+    # test needs a cart, while collecting; the run ends right after collection, nothing runs
+    pytester.makepyfile(test_scenario=SUITE)
+    res = run(pytester, *workers)
+    out = res.stdout.str() + res.stderr.str()
+    assert res.ret == 2, out
+    assert f"hil: {pytester.path}/rigs/virtual.yaml: cannot read: No such file or directory" in out
+    assert "Traceback" not in out and "crashed" not in out and "ERROR" not in out, out
+
+
+def test_selection_nobody_matches_is_refused_before_anything_runs(pytester, rig_factory):
+    rig_path = rig_factory(["cart-01", "cart-02"])
+    pytester.makepyfile(test_scenario=SUITE)
+    res = run(pytester, "--rig", str(rig_path), "--tag", "rev-q")
+    assert res.ret == 2
+    assert res.stderr.lines == [f"Exit: hil: {rig_path}: no cart of the rig has tag 'rev-q'"]
+    res = run(pytester, "--rig", str(rig_path), "--cart", "cart-07")
+    assert res.ret == 2
+    assert res.stderr.lines == [f"Exit: hil: {rig_path}: no slot holds cart 'cart-07'"]
     assert not (rig_path.parent / "run").exists(), "nothing started"
