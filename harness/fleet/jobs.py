@@ -117,6 +117,7 @@ def subscriptions(thing: str = "+") -> list[str]:
     return [f.replace("$aws/things/+/", f"$aws/things/{thing}/", 1) for f in SUBSCRIPTIONS]
 
 MAX_PAYLOAD = 128 * 1024          # bytes; AWS IoT's MQTT payload limit
+_MAX_TOPIC_BYTES = 65535          # MQTT: a topic name is at most 65535 bytes of UTF-8
 STEP_TIMEOUT_MIN, STEP_TIMEOUT_MAX = 1, 10080
 _THING_RE = re.compile(r"[a-zA-Z0-9:_-]{1,128}")
 _JOB_RE = re.compile(r"[a-zA-Z0-9_-]{1,64}")
@@ -736,6 +737,11 @@ class JobsService:
             return
         token: str | None = None
         outcome = "accepted"
+        if len(msg.topic.encode()) + len("/accepted") > _MAX_TOPIC_BYTES:  # no reply topic can exist
+            log.warning("jobs service: no reply possible to %s (topic too long)", msg.brief())
+            with self._lock:
+                self._requests.append(JobRequest(msg.topic, thing, op, msg.t, time.monotonic(), "InvalidTopic", None))
+            return
         try:
             with self._lock:
                 if self._closed:
@@ -769,10 +775,11 @@ class JobsService:
                     log.exception("jobs service failed on %s", msg.brief())
                     r = _Rejected("InternalError", f"internal error: {e.__class__.__name__}")
                     self._reject(msg.topic, r, token)
-                self._requests.append(JobRequest(msg.topic, thing, op, msg.t, time.monotonic(), outcome, token))
-                deferred, self._deferred = self._deferred, None
-                for t, before in deferred:
-                    self._notify(t, before)
+                finally:  # whatever happened, the bookkeeping ends: notifications are never left deferred
+                    self._requests.append(JobRequest(msg.topic, thing, op, msg.t, time.monotonic(), outcome, token))
+                    deferred, self._deferred = self._deferred, None
+                    for t, before in deferred:
+                        self._notify(t, before)
         except Exception:
             log.exception("jobs service could not answer %s", msg.brief())
 
