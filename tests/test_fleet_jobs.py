@@ -639,3 +639,13 @@ def test_notice_latency_is_small(service, device):
         lat.append(service.history("lat-1")[-1].t_request - t0)
     lat.sort()
     assert lat[len(lat) // 2] < 0.05, lat
+
+
+@pytest.mark.parametrize("topic", ["cart-hil/telemetry/x\x01y", "a/\x85/b", "a/\ufdd0", "a/+/b", "a/#", ""])
+def test_a_topic_the_broker_would_refuse_is_refused_before_it_is_sent(harness_mqtt, topic):
+    """mosquitto drops a connection that publishes such a topic, and paho resends a QoS 1 message on
+    every reconnect: one bad publish would be a reconnect storm. The client refuses it instead."""
+    with pytest.raises(MqttError, match="cannot publish to"):
+        harness_mqtt.publish(topic, {"x": 1})
+    assert harness_mqtt.is_connected()
+    harness_mqtt.publish("$aws/things/cart-01/jobs/notify", {"x": 1})  # still connected: PUBACK arrives

@@ -452,6 +452,9 @@ class MqttClient:
         thread, where it is skipped) wait for PUBACK at QoS 1."""
         if isinstance(payload, dict | list):
             payload = json.dumps(payload, separators=(",", ":"))
+        bad = _topic_problem(topic)
+        if bad:  # the broker would drop the connection, and paho resend it on every reconnect: a storm
+            raise MqttError(f"cannot publish to {topic[:120]!r}: {bad}")
         info = self._client.publish(topic, payload, qos=qos, retain=retain)
         if info.rc not in (paho.MQTT_ERR_SUCCESS, paho.MQTT_ERR_NO_CONN):
             raise MqttError(f"cannot publish to {topic!r}: {paho.error_string(info.rc)}")
@@ -472,3 +475,18 @@ class MqttClient:
         state = "connected" if self._connected.is_set() else "not connected"
         return f"<MqttClient {self.client_id} {self.host}:{self.port} {state}>"
 
+
+def _topic_problem(topic: str) -> str | None:
+    """Why a broker refuses `topic` as a publish topic (MQTT 3.1.1 §1.5.3, §4.7; mosquitto also refuses
+    C0/C1 control characters and Unicode noncharacters), or None."""
+    if not topic:
+        return "empty topic"
+    if "+" in topic or "#" in topic:
+        return "wildcards are not allowed in a publish topic"
+    if len(topic.encode("utf-8", "surrogatepass")) > 65535:
+        return "topic longer than 65535 bytes"
+    for c in topic:
+        o = ord(c)
+        if o < 0x20 or 0x7F <= o <= 0x9F or 0xD800 <= o <= 0xDFFF or 0xFDD0 <= o <= 0xFDEF or (o & 0xFFFE) == 0xFFFE:
+            return f"character U+{o:04X} is not allowed in a topic"
+    return None
