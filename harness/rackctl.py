@@ -28,7 +28,7 @@ class RackStartError(Exception):
 #: dir; one without it is used only if it is empty or holds nothing but names of the rack's layout.
 RUN_DIR_MARKER = ".vrack-run-dir"
 RUN_DIR_NAMES = frozenset({RUN_DIR_MARKER, "rack.json", "rack.tmp", "vrack.log", ".rack.lock", "rack.owner",
-                           "flash", "rtc", "state", "logs", "carts", "factory", "broker", "dev"})
+                           "flash", "rtc", "state", "logs", "carts", "factory", "broker", "dev", "faults"})
 
 
 def check_run_dir(rig: Rig) -> None:

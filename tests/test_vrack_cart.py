@@ -25,6 +25,7 @@ from vrack.image import build_image
 
 REPO = Path(__file__).resolve().parents[1]
 SENSORS = ["imu-bmi088", "gnss-neo-m9n", "lidar-tfmini", "temp-tmp117"]
+FW_EV = r"(?:EV: [a-z-]+(?: [a-z_]+=\S+)* t=\d+\r\n)*"  # the firmware's own event lines (cut targets)
 
 
 def fast_config(**boot) -> dict:
@@ -214,14 +215,17 @@ def test_repo_cart_configs_load(path):
 def test_boot_banner_and_shell(vcart):
     vcart.power_on()
     vcart.expect(r"^CART-BL 2\.1\.0 hw=rev-c cfg=cart-t1\r\n"
+                r"BL: reset cause=power-on\r\n"
                 r"BL: bcb seq=1 active=A pending=- tries=0\r\n"
                 r"BL: press any key for recovery \(0\.25 s\)\r\n"
+                r"EV: bcb-write copy=1 seq=2 why=boot t=\d+\r\n"
                 r"BL: slot A ok fw=1\.4\.2 size=\d+\r\n"
                 r"BOOT: bl=2\.1\.0 slot=A fw=1\.4\.2 cfg=cart-t1 mode=normal\r\n"
+                r"EV: boot cause=power-on slot=A mode=normal t=\d+\r\n"
                 r"FW: reference 1\.4\.2 starting slot=A\r\n"
                 + "".join(rf"FW: sensor {s} ok\r\n" for s in SENSORS)
-                + r"FW: self-test ok\r\nOTA: no fleet settings \(erased\)\r\nFW: ready\r\ncart> ")
-    assert vcart.state_path.read_bytes() == b"\x02"
+                + FW_EV + r"FW: self-test ok\r\nOTA: no fleet settings \(erased\)\r\nFW: ready\r\ncart> ")
+    assert vcart.state_path.read_bytes()[:1] == b"\x02"
     assert vcart.command("version") == ["version 1.4.2"]
     assert vcart.command("slot status") == [
         "slot active=A booted=A pending=- tries=0 confirmed=yes boots=1 rollbacks=0", "slot A fw=1.4.2 valid=yes",
@@ -243,8 +247,10 @@ def test_boot_banner_and_shell(vcart):
     assert vcart.command("") == []
     pid = vcart.proc.pid
     vcart.send("reboot\r\n")
-    vcart.expect(r"FW: rebooting\r\nCART-BL 2\.1\.0 hw=rev-c cfg=cart-t1\r\nBL: bcb seq=2 active=A")
-    vcart.boot_to_shell()
+    vcart.expect(r"FW: rebooting\r\nCART-BL 2\.1\.0 hw=rev-c cfg=cart-t1\r\nBL: reset cause=software\r\n"
+                 r"BL: bcb seq=2 active=A")
+    vcart.expect(r"BOOT: bl=2\.1\.0 slot=A fw=1\.4\.2 [^\r]*\r\nEV: boot cause=software slot=A mode=normal t=\d+\r\n")
+    vcart.expect(r"FW: ready\r\ncart> ")
     assert vcart.proc.poll() is None and vcart.proc.pid == pid  # a reset keeps the process (and the pid)
     assert vcart.bcb().boot_count == 2
 
@@ -261,7 +267,8 @@ def test_recovery_load_into_slot_b_then_boot_it(vcart):
     reply = vcart.recovery_send("load B", img)
     assert reply[:-1] == [f"load: page {i}/{pages}" for i in range(1, pages + 1)]
     assert reply[-1] == f"ok load B {len(img)} {hashlib.sha256(img).hexdigest()}"
-    assert vcart.command("bcb reset B", "recovery> ") == ["ok bcb active=B"]
+    ev, ok = vcart.command("bcb reset B", "recovery> ")
+    assert re.fullmatch(r"EV: bcb-write copy=[01] seq=\d+ why=recovery t=\d+", ev) and ok == "ok bcb active=B"
     vcart.send("boot\r\n")
     vcart.boot_to_shell(slot="B", fw="1.5.0")
     assert vcart.command("slot status")[0] == \
@@ -310,8 +317,10 @@ def test_trial_that_crashes_at_boot_is_rolled_back(vcart):
     vcart.expect(r"BOOT: bl=2\.1\.0 slot=B fw=1\.5\.0 cfg=cart-t1 mode=trial\r\n")
     vcart.expect(r"FW: sensor gnss-neo-m9n ok\r\n"
                 r"BL: firmware crashed: TypeError: 'NoneType' object is not subscriptable\r\n")
-    vcart.expect(r"CART-BL 2\.1\.0 hw=rev-c cfg=cart-t1\r\nBL: bcb seq=3 active=A pending=B tries=0\r\n")
-    vcart.expect(r"BL: rollback: slot B not confirmed, back to slot A\r\nBL: slot A ok fw=1\.4\.2")
+    vcart.expect(r"CART-BL 2\.1\.0 hw=rev-c cfg=cart-t1\r\nBL: reset cause=crash\r\n"
+                 r"BL: bcb seq=3 active=A pending=B tries=0\r\n")
+    vcart.expect(r"BL: rollback: slot B not confirmed, back to slot A\r\n"
+                 r"EV: bcb-write copy=\d seq=4 why=rollback t=\d+\r\nBL: slot A ok fw=1\.4\.2")
     vcart.boot_to_shell(slot="A")
     bcb = vcart.bcb()
     assert (bcb.active, bcb.pending, bcb.rollback_slot, bcb.rollback_version, bcb.rollback_count) == (
@@ -323,7 +332,8 @@ def test_trial_that_marks_good_becomes_active(vcart):
     vcart.set_pending("B")
     vcart.power_on()
     vcart.expect(r"BOOT: bl=2\.1\.0 slot=B fw=1\.5\.0 cfg=cart-t1 mode=trial\r\n")
-    vcart.expect(r"FW: self-test ok\r\nFW: marking slot B good\r\nFW: slot B confirmed\r\n"
+    vcart.expect(r"FW: self-test ok\r\nFW: marking slot B good\r\n" + FW_EV.replace("*", "*?") +
+                 r"EV: bcb-write copy=\d seq=\d+ why=mark-good t=\d+\r\nFW: slot B confirmed\r\n"
                  r"OTA: no fleet settings \(erased\)\r\nFW: ready\r\ncart> ")
     assert vcart.command("slot status")[0] == \
         "slot active=B booted=B pending=- tries=0 confirmed=yes boots=1 rollbacks=0"
@@ -338,7 +348,7 @@ def test_trial_never_marked_good_is_reset_by_watchdog(make_vcart):
     vcart.set_pending("B")
     vcart.power_on()
     vcart.boot_to_shell(slot="B", fw="1.5.0", mode="trial")
-    vcart.expect(r"BL: watchdog reset\r\nCART-BL ", timeout=3)
+    vcart.expect(r"BL: watchdog reset\r\nCART-BL \S+ \S+ \S+\r\nBL: reset cause=watchdog\r\n", timeout=3)
     vcart.expect(r"BL: rollback: slot B not confirmed, back to slot A\r\n")
     vcart.boot_to_shell(slot="A")
 
@@ -348,8 +358,9 @@ def test_payload_corrupted_before_hashing_boots_and_crashes(vcart):
     vcart.put_image("A", build_image(payload, "1.6.0"))
     vcart.power_on()
     vcart.expect(r"BL: slot A ok fw=1\.6\.0 size=\d+\r\nBOOT: bl=2\.1\.0 slot=A fw=1\.6\.0 cfg=cart-t1 mode=normal\r\n"
-                r"BL: firmware crashed: SyntaxError: ")
-    vcart.expect(r"CART-BL 2\.1\.0")  # and round it goes: a crash loop on a bad build, as on hardware
+                r"EV: boot cause=power-on slot=A mode=normal t=\d+\r\nBL: firmware crashed: SyntaxError: ")
+    # and round it goes: a crash loop on a bad build, as on hardware
+    vcart.expect(r"CART-BL 2\.1\.0 \S+ \S+\r\nBL: reset cause=crash\r\n")
 
 
 def test_sigkill_mid_boot_and_power_on_again(vcart):
@@ -359,8 +370,9 @@ def test_sigkill_mid_boot_and_power_on_again(vcart):
     vcart.send("stray bytes typed while the cart was off\r\n")  # the rack would drop these; the cart must too
     vcart.out = ""
     vcart.power_on()
-    vcart.expect(r"BL: bcb seq=2 active=A pending=- tries=0\r\nBL: press any key for recovery \(0\.25 s\)\r\n"
-                r"BL: slot A ok")
+    vcart.expect(r"BL: reset cause=power-on\r\nBL: bcb seq=2 active=A pending=- tries=0\r\n"
+                r"BL: press any key for recovery \(0\.25 s\)\r\n"
+                r"EV: bcb-write copy=0 seq=3 why=boot t=\d+\r\nBL: slot A ok")
     vcart.boot_to_shell()
     assert vcart.command("version") == ["version 1.4.2"]
 
@@ -370,7 +382,7 @@ def test_no_bootable_image_halts_then_recovers(vcart):
         f.erase_pages(f.layout.slot_first_page("A"), 1)
     vcart.power_on()
     vcart.expect(r"BL: slot A invalid: erased\r\nBL: slot B invalid: erased\r\nBL: no bootable image, halting\r\n")
-    assert vcart.state_path.read_bytes() == b"\x02"
+    assert vcart.state_path.read_bytes()[:1] == b"\x02"
     vcart.send("\r")
     vcart.expect(r"BL: recovery mode\r\nrecovery> ")
     img = factory.build_image("1.4.3", size=131072)

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
+import os
 import random
+import re
 import time
 from dataclasses import replace
 
@@ -18,13 +21,19 @@ from vrack.flash import (
     BootControl,
     Flash,
     FlashError,
+    FlashFault,
     Layout,
+    OpenWrite,
     StateByte,
     TrustError,
     decode_bcb,
     decode_trust,
     encode_bcb,
     encode_trust,
+    parse_faults,
+    read_open_write,
+    tear_open_write,
+    tear_point,
 )
 from vrack.image import check_image
 
@@ -87,14 +96,19 @@ def test_write_page_takes_program_time_in_writing_state(tmp_path, monkeypatch):
     real_sleep = time.sleep
 
     def sleep(seconds):
-        seen.append(((tmp_path / "state").read_bytes(), seconds))
+        raw = (tmp_path / "state").read_bytes()
+        seen.append((raw[:1], read_open_write(raw), seconds))
         real_sleep(seconds)
 
     monkeypatch.setattr(time, "sleep", sleep)
     with Flash(tmp_path / "flash.bin", GEOMETRY, time_scale=0.5, state=state) as f:
         f.write_page(3, b"x")
-    assert seen == [(bytes([STATE_WRITING]), pytest.approx(0.00125))]
-    assert (tmp_path / "state").read_bytes() == bytes([STATE_IDLE])
+        f.erase_page(4)
+    page = b"x" + b"\xff" * 4095
+    assert seen == [(bytes([STATE_WRITING]), OpenWrite(b"P", 3, page), pytest.approx(0.00125)),
+                    (bytes([STATE_WRITING]), OpenWrite(b"E", 4, b"\xff" * 4096), pytest.approx(0.00125))]
+    raw = (tmp_path / "state").read_bytes()
+    assert raw[:1] == bytes([STATE_IDLE]) and read_open_write(raw) is None  # the record is closed
     state.close()
 
 
@@ -203,3 +217,261 @@ def test_write_factory(tmp_path):
     assert check_image(written["images"]["1.5.0"].read_bytes())[0].version == "1.5.0"
     assert decode_trust(written["trust"]["cart-t1"].read_bytes()) == [
         {"name": "lab-root-2025", "pem": ""}, {"name": "lab-root-2026", "pem": ""}]
+
+
+# --- torn pages: the open-operation record and the rack's tear ---------------------------------
+
+SMALL = FlashGeometry(page_size=2048, slot_size=4 * 2048, page_program_ms=1.0)
+
+
+class PowerCut(BaseException):
+    """The power went: raised from inside the page-program time."""
+
+
+class FixedCut(random.Random):
+    """An RNG whose tear point is chosen by the test (the garbage stays random)."""
+
+    def __init__(self, cut: int):
+        super().__init__(cut)
+        self.cut = cut
+
+    def randrange(self, *args):
+        return self.cut
+
+
+def cut_while_programming(monkeypatch, state_path, op) -> bytes:
+    """Run `op` and cut the power while its page is being programmed: returns the state file as a
+    SIGKILL would leave it (the page itself is not written yet: the kill lands in the program time)."""
+    snap = {}
+
+    def sleep(_seconds):
+        snap["state"] = state_path.read_bytes()
+        raise PowerCut
+
+    with monkeypatch.context() as m:
+        m.setattr(time, "sleep", sleep)
+        with pytest.raises(PowerCut):
+            op()
+    return snap["state"]
+
+
+@pytest.mark.parametrize("next_copy", [0, 1])
+def test_bcb_write_torn_at_every_point_reads_the_previous_state(tmp_path, monkeypatch, next_copy):
+    path, state_path = tmp_path / "flash.bin", tmp_path / "state"
+    Flash.create(path, SMALL)
+    state = StateByte(state_path)
+    with Flash(path, SMALL, time_scale=1, state=state) as f:
+        ctl = BootControl(f)
+        previous = ctl.write(Bcb(active="A"), "boot")  # copy 0
+        if next_copy == 0:
+            previous = ctl.write(replace(previous, boot_count=7), "boot")  # copy 1: the next goes to copy 0
+        wanted = replace(previous, pending="B", tries=1)
+        cut_state = cut_while_programming(monkeypatch, state_path, lambda: ctl.write(wanted, "set-pending"))
+    new = replace(wanted, seq=previous.seq + 1)
+    op = read_open_write(cut_state)
+    assert op == OpenWrite(b"P", next_copy, encode_bcb(new) + b"\xff" * (2048 - BCB_SIZE))
+    flash_before = path.read_bytes()
+    outcomes = {}
+    for cut in range(2048):
+        path.write_bytes(flash_before)
+        state_path.write_bytes(cut_state)
+        assert tear_open_write(state_path, path, 2048, FixedCut(cut)) == (next_copy, cut)
+        assert read_open_write(state_path.read_bytes()) is None  # the record is closed
+        with Flash(path, SMALL, time_scale=0) as f:
+            torn = f.read_page(next_copy)
+            assert torn[:cut] == op.data[:cut] and torn != op.data
+            got = BootControl(f).read_valid()
+        assert got == (new if decode_bcb(torn) == new else previous), f"cut at byte {cut}"
+        outcomes[cut] = got.seq
+    assert all(outcomes[c] == previous.seq for c in range(BCB_SIZE))  # the record was cut: the old state
+    assert all(outcomes[c] == new.seq for c in range(BCB_SIZE, 2048))  # the record made it: the new one
+
+
+def test_tear_point_lands_within_the_data_programmed(tmp_path):
+    rng = random.Random(5)
+    bcb_page = encode_bcb(Bcb(seq=3)) + b"\xff" * 4032
+    assert {tear_point(bcb_page, rng) for _ in range(2000)} == set(range(BCB_SIZE + 1))
+    erase = b"\xff" * 4096
+    assert max(tear_point(erase, rng) for _ in range(2000)) > 3000
+
+
+def test_a_torn_slot_page_fails_verification_and_the_other_slot_stays_valid(tmp_path, monkeypatch):
+    img = factory.build_image("1.4.2")
+    path = factory.provision_flash(tmp_path / "flash.bin", CART, img, factory.trust_blob([]))
+    new = factory.build_image("1.5.0")
+    state_path = tmp_path / "state"
+    with Flash(path, GEOMETRY, time_scale=0, state=StateByte(state_path)) as f:
+        first = f.layout.slot_first_page("B")
+        for i in range(3):
+            f.write_page(first + i, new[i * 4096:(i + 1) * 4096])
+        f.page_delay_s = 0.001
+        cut_state = cut_while_programming(monkeypatch, state_path,
+                                          lambda: f.write_page(first + 3, new[3 * 4096:4 * 4096]))
+    state_path.write_bytes(cut_state)
+    page, cut = tear_open_write(state_path, path, 4096, random.Random(11))
+    assert page == first + 3
+    with Flash(path, GEOMETRY, time_scale=0) as f:
+        torn = f.read_page(page)
+        assert torn[:cut] == new[3 * 4096:3 * 4096 + cut] and torn != new[3 * 4096:4 * 4096]
+        assert check_image(f.read_slot("B"))[0] is None
+        assert check_image(f.read_slot("A"))[0].version == "1.4.2"
+
+
+def test_no_open_record_no_tear(tmp_path):
+    path, state_path = tmp_path / "flash.bin", tmp_path / "state"
+    Flash.create(path, SMALL)
+    state = StateByte(state_path)
+    with Flash(path, SMALL, time_scale=0, state=state) as f:
+        f.write_page(3, b"done")
+    before = path.read_bytes()
+    assert tear_open_write(state_path, path, 2048, random.Random(1)) is None  # closed
+    raw = bytearray(state_path.read_bytes())
+    raw[1] = 1  # reopened by hand, but the record is of the finished write... with a damaged CRC:
+    raw[20] ^= 0xFF
+    state_path.write_bytes(bytes(raw))
+    assert tear_open_write(state_path, path, 2048, random.Random(1)) is None  # a record cut short
+    state_path.write_bytes(b"\x02")
+    assert tear_open_write(state_path, path, 2048, random.Random(1)) is None
+    assert path.read_bytes() == before
+
+
+# --- flash faults ------------------------------------------------------------------------------
+
+
+def set_faults(path, doc) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(doc))
+    os.replace(tmp, path)
+
+
+@pytest.fixture
+def faulty(tmp_path):
+    Flash.create(tmp_path / "flash.bin", GEOMETRY)
+    faults = tmp_path / "faults.json"
+    with Flash(tmp_path / "flash.bin", GEOMETRY, time_scale=0, faults=faults, rng=random.Random(3)) as f:
+        yield f, faults
+
+
+def test_erase_fail_leaves_the_page_partly_erased(faulty):
+    f, faults = faulty
+    old = bytes(range(256)) * 16
+    f.write_page(40, old)
+    set_faults(faults, {"erase_fail": [40]})
+    with pytest.raises(FlashFault, match=r"^erase failed: page 40$") as exc:
+        f.erase_page(40)
+    assert (exc.value.kind, exc.value.page) == ("erase", 40) and isinstance(exc.value, FlashError)
+    page = f.read_page(40)
+    cut = len(page) - len(page.lstrip(b"\xff"))
+    assert 0 < cut < 4096 and page[cut:] == old[cut:]  # erased up to a point, the old data beyond
+    with pytest.raises(FlashFault) as exc:
+        f.write_page(40, b"new")  # an erase-and-program: its erase fails, nothing is programmed
+    assert exc.value.kind == "erase"
+    f.write_page(41, b"other pages work")
+    assert f.read_page(41).startswith(b"other pages work")
+    os.unlink(faults)
+    f.erase_page(40)
+    assert f.read_page(40) == b"\xff" * 4096
+
+
+def test_program_fail_leaves_the_page_partly_programmed(faulty):
+    f, faults = faulty
+    set_faults(faults, {"program_fail": [7]})
+    data = bytes(range(1, 256)) * 16
+    with pytest.raises(FlashFault, match=r"^program failed: page 7$") as exc:
+        f.write_page(7, data[:4096])
+    assert exc.value.kind == "program"
+    page = f.read_page(7)
+    cut = len(page.rstrip(b"\xff"))
+    assert 0 < cut < 4096 and page[:cut] == data[:cut]
+    f.erase_page(7)  # erasing works on a page that fails to program
+    assert f.read_page(7) == b"\xff" * 4096
+
+
+def test_bitflip_on_read_only(faulty, tmp_path):
+    f, faults = faulty
+    first = f.layout.slot_first_page("B")
+    f.write_page(first + 1, b"\x00" * 4096)
+    set_faults(faults, {"bitflip": [{"page": first + 1, "offset": 5, "mask": 0x81},
+                                    {"page": first + 1, "offset": 4095, "mask": 1}]})
+    assert f.read_page(first + 1)[:8] == b"\x00" * 5 + b"\x81\x00\x00"
+    assert f.read(f.layout.slot_offset("B") + 4096 + 4095, 2) == b"\x01\xff"
+    slot = f.read_slot("B")
+    assert slot[4096 + 5] == 0x81 and slot[2 * 4096 - 1] == 1 and slot.count(b"\x81") == 1
+    assert f.read(0, 10) == b"\xff" * 10
+    raw = (tmp_path / "flash.bin").read_bytes()  # the stored bytes are untouched
+    assert raw[(first + 1) * 4096:(first + 2) * 4096] == b"\x00" * 4096
+    set_faults(faults, {})
+    assert f.read_page(first + 1) == b"\x00" * 4096
+
+
+def test_a_bad_fault_file_is_ignored(faulty, capfd):
+    f, faults = faulty
+    faults.write_text("{not json")
+    f.write_page(3, b"ok")
+    set_faults(faults, {"erase_fail": [10 ** 9]})
+    f.write_page(3, b"ok")
+    assert "ignored" in capfd.readouterr().err
+
+
+def test_fault_check_costs_one_stat(faulty):
+    f, faults = faulty
+    set_faults(faults, {"bitflip": [{"page": 2, "offset": 0, "mask": 1}]})
+    f.read(0, 1)
+    n = 20000
+    start = time.perf_counter()
+    for _ in range(n):
+        f._check_faults()
+    per_call = (time.perf_counter() - start) / n
+    assert per_call < 50e-6, f"{per_call * 1e6:.1f} µs per check"
+
+
+@pytest.mark.parametrize("doc,reason", [
+    ([], r"expected a JSON object"),
+    ({"erase_fail": [1], "bogus": []}, r"unknown key 'bogus'"),
+    ({"erase_fail": 3}, r"erase_fail: expected a list"),
+    ({"erase_fail": [300]}, r"erase_fail\[0\]: page 300 is outside the device \(pages 0\.\.263\)"),
+    ({"program_fail": [-1]}, r"outside the device"),
+    ({"program_fail": [True]}, r"expected a page index \(integer\), got bool"),
+    ({"program_fail": [1.0]}, r"got float"),
+    ({"erase_fail": [2, 2]}, r"page 2 is listed twice"),
+    ({"bitflip": [{"page": 2, "offset": 0}]}, r"exactly page, offset, mask"),
+    ({"bitflip": [{"page": 2, "offset": 4096, "mask": 1}]}, r"offset: expected an integer 0\.\.4095"),
+    ({"bitflip": [{"page": 2, "offset": 0, "mask": 0}]}, r"mask: expected an integer 1\.\.255"),
+    ({"bitflip": [{"page": 2, "offset": 0, "mask": 256}]}, r"mask"),
+    ({"bitflip": [{"page": 264, "offset": 0, "mask": 1}]}, r"bitflip\[0\]\.page: page 264 is outside"),
+    ({"bitflip": [{"page": 2, "offset": 9, "mask": 1}, {"page": 2, "offset": 9, "mask": 4}]},
+     r"the same page and offset is listed twice"),
+    ({"erase_fail": list(range(264)), "program_fail": list(range(264)),
+      "bitflip": [{"page": p, "offset": o, "mask": 1} for p in range(5) for o in range(100)]},
+     r"1028 entries: at most 1024"),
+])
+def test_fault_documents_are_validated(doc, reason):
+    with pytest.raises(ValueError, match=reason):
+        parse_faults(doc, Layout(4096, 524288).page_count, 4096)
+
+
+def test_fault_document_roundtrip():
+    doc = {"erase_fail": [9, 3], "program_fail": [], "bitflip": [{"page": 4, "offset": 1, "mask": 2}]}
+    faults = parse_faults(doc, 264, 4096)
+    assert faults.to_json() == {"erase_fail": [3, 9], "program_fail": [],
+                                "bitflip": [{"page": 4, "offset": 1, "mask": 2}]}
+    assert parse_faults({}, 264, 4096).to_json() == {"erase_fail": [], "program_fail": [], "bitflip": []}
+
+
+def test_bcb_write_that_fails_goes_to_the_other_copy(faulty):
+    f, faults = faulty
+    lines = []
+    ctl = BootControl(f, say=lines.append)
+    first = ctl.write(Bcb(active="A"), "boot")  # copy 0
+    set_faults(faults, {"program_fail": [1]})
+    second = ctl.write(replace(first, pending="B", tries=1), "set-pending")
+    assert [re.sub(r" t=\d+$", "", line) for line in lines] == [
+        "EV: bcb-write copy=0 seq=1 why=boot", "EV: bcb-write copy=1 seq=2 why=set-pending",
+        "BL: bcb write failed: page 1", "EV: bcb-write copy=0 seq=2 why=set-pending"]
+    assert ctl.read() == second and ctl.copies()[0] == second
+    set_faults(faults, {"program_fail": [0], "erase_fail": [1]})
+    with pytest.raises(FlashFault):
+        ctl.write(replace(second, tries=0), "boot")
+    assert [re.sub(r" t=\d+$", "", line) for line in lines[4:]] == [
+        "EV: bcb-write copy=1 seq=3 why=boot", "BL: bcb write failed: page 1",
+        "EV: bcb-write copy=0 seq=3 why=boot", "BL: bcb write failed: page 0"]

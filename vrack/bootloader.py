@@ -14,6 +14,9 @@ Boot selection, in order:
 The firmware gets a `Hal` (below) and runs in this process: compile() and exec() of the
 payload, then `main(hal)`. An exception out of it is a crash: `BL: firmware crashed: ...`, a
 short delay and a reset.
+
+Cut targets: `EV: boot cause=.. slot=.. mode=.. t=..` right before the image runs, and
+`EV: bcb-write copy=.. seq=.. why=.. t=..` before each BCB copy is written (vrack.flash.BootControl).
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ from vrack.flash import (
     STATE_WRITING,
     Bcb,
     BootControl,
+    FlashFault,
     other_slot,
 )
 from vrack.image import Image, check_image, peek_version
@@ -57,7 +61,7 @@ class Bootloader:
         self.console = board.console
         self.flash = board.flash
         self.config = board.config
-        self.bootctl = BootControl(board.flash)
+        self.bootctl = BootControl(board.flash, say=board.console.write_line_fresh)
 
     def say(self, line: str) -> None:
         self.console.write_line(line)
@@ -66,6 +70,7 @@ class Bootloader:
         """From power-on to the firmware. Does not return: every way out is a reset (execv)."""
         cfg = self.config
         self.say(f"CART-BL {BL_VERSION} hw={cfg.hardware_revision} cfg={cfg.id}")
+        self.say(f"BL: reset cause={self.board.reset_cause}")
         bcb = self.bootctl.read_valid()
         if bcb is None:
             self.say("BL: bcb blank, using defaults")
@@ -95,18 +100,28 @@ class Bootloader:
             self.say(f"BL: slot {slot} ok fw={image.version} size={image.total_size}")
         return image
 
+    def write_bcb(self, bcb: Bcb, why: str) -> None:
+        """Write the BCB; if the part fails both copies (each failure is reported on the console by
+        BootControl), boot on with the state in memory: the next boot reads what the flash kept."""
+        try:
+            self.bootctl.write(bcb, why)
+        except FlashFault:
+            pass
+
     def select(self) -> tuple[str, Image, str] | None:
         bcb = self.bootctl.read()
         bcb = replace(bcb, boot_count=bcb.boot_count + 1)
+        why = "boot"
         if bcb.pending is not None:
             if bcb.tries > 0:
                 bcb = replace(bcb, tries=bcb.tries - 1)
                 image = self.check(bcb.pending)
                 if image is not None:
-                    self.bootctl.write(bcb)
+                    self.write_bcb(bcb, "trial")
                     return bcb.pending, image, "trial"
             bcb = self.rollback(bcb)
-        self.bootctl.write(bcb)
+            why = "rollback"
+        self.write_bcb(bcb, why)
         for slot in (bcb.active, other_slot(bcb.active)):
             image = self.check(slot)
             if image is not None:
@@ -128,6 +143,7 @@ class Bootloader:
         hal = Hal(self.board, self.bootctl, slot, mode, image)
         if mode == "trial":
             hal.start_watchdog(cfg.boot.mark_good_window_s)
+        self.say(f"EV: boot cause={self.board.reset_cause} slot={slot} mode={mode} t={time.monotonic_ns()}")
         try:
             code = compile(image.payload, f"<slot {slot} fw {image.version}>", "exec")
             namespace: dict = {"__name__": "firmware"}
@@ -142,7 +158,7 @@ class Bootloader:
             message = (str(exc).splitlines() or [""])[0]
             self.console.write_line_fresh(f"BL: firmware crashed: {type(exc).__name__}: {message}")
             time.sleep(CRASH_RESET_DELAY_S)
-            self.board.reset()
+            self.board.reset("crash")
 
     # --- recovery ----------------------------------------------------------------------------
 
@@ -175,14 +191,22 @@ class Bootloader:
                 self.receive("trust", None, layout.trust_first_page, layout.trust_size, words[1], words[2])
             elif words[:2] == ["bcb", "reset"] and len(words) == 3 and words[2] in SLOTS:
                 current = self.bootctl.read()
-                self.bootctl.write(Bcb(active=words[2], confirmed=True, boot_count=current.boot_count,
-                                       rollback_count=current.rollback_count))
-                self.say(f"ok bcb active={words[2]}")
+                try:
+                    self.bootctl.write(Bcb(active=words[2], confirmed=True, boot_count=current.boot_count,
+                                           rollback_count=current.rollback_count), "recovery")
+                except FlashFault as exc:
+                    self.say(f"error bcb: {exc}")
+                else:
+                    self.say(f"ok bcb active={words[2]}")
             elif words[0] == "erase" and len(words) == 2 and words[1] in SLOTS:
                 layout = self.flash.layout
-                self.flash.erase_pages(layout.slot_first_page(words[1]), layout.slot_pages,
-                                       lambda i, n: self.say(f"erase: page {i}/{n}"))
-                self.say(f"ok erase {words[1]}")
+                try:
+                    self.flash.erase_pages(layout.slot_first_page(words[1]), layout.slot_pages,
+                                           lambda i, n: self.say(f"erase: page {i}/{n}"))
+                except FlashFault as exc:
+                    self.say(f"error erase: {exc}")
+                else:
+                    self.say(f"ok erase {words[1]}")
             else:
                 self.say(f"error: unknown command '{line.strip()}'")
 
@@ -206,8 +230,14 @@ class Bootloader:
         error = None
 
         def program(data: bytes) -> None:
-            nonlocal written
-            self.flash.write_page(first_page + written, data)
+            nonlocal written, error
+            if error:
+                return
+            try:
+                self.flash.write_page(first_page + written, data)
+            except FlashFault as exc:
+                error = str(exc)  # the part failed: no more pages, drain to the terminator
+                return
             written += 1
             self.say(f"{what}: page {written}/{total_pages}")
 
@@ -235,6 +265,8 @@ class Bootloader:
             while len(buf) >= page:
                 program(bytes(buf[:page]))
                 del buf[:page]
+                if error:
+                    break
         if error is None and received != size:
             error = f"short data ({received} of {size} bytes)"
         if error is None and buf:
@@ -269,7 +301,7 @@ class BcbService:
         new = replace(bcb, active=slot, pending=pending, tries=0 if pending is None else bcb.tries,
                       confirmed=True)
         if new != bcb:
-            bcb = self._bootctl.write(new)
+            bcb = self._bootctl.write(new, "mark-good")
         self._hal._confirmed.set()
         return bcb
 
@@ -280,32 +312,36 @@ class BcbService:
             raise ValueError(f"pending slot must be the slot not running, not {slot!r}")
         if not 1 <= tries <= 255:
             raise ValueError(f"tries must be 1..255, not {tries}")
-        return self._bootctl.write(replace(bcb, pending=slot, tries=tries))
+        return self._bootctl.write(replace(bcb, pending=slot, tries=tries), "set-pending")
 
     def clear_rollback(self) -> Bcb:
         """Forget the last rollback record (slot, version); rollback_count stays."""
         bcb = self._bootctl.read()
         if bcb.rollback_slot is None and not bcb.rollback_version:
             return bcb
-        return self._bootctl.write(replace(bcb, rollback_slot=None, rollback_version=""))
+        return self._bootctl.write(replace(bcb, rollback_slot=None, rollback_version=""), "clear-rollback")
 
 
 class Hal:
     """What the firmware gets: the board, seen through the bootloader.
 
     console  write(text), write_line(text), read_line(timeout|None) -> str|None
-    flash    read(offset, n), write_page(index, data), layout.slot_offset(slot), page_size, slot_size
+    flash    read(offset, n), write_page(index, data), erase_page(index), read_slot(slot),
+             layout.slot_offset(slot), page_size, slot_size (write_page/erase_page raise FlashFault)
     bcb      read() -> Bcb, mark_good(), set_pending(slot, tries=1), clear_rollback()
     clock    now() -> aware UTC datetime, set(datetime)
     sensors  [Sensor(name, kind, init(), read() -> float)]
     config   the cart configuration mapping (a copy)
     booted_slot "A"|"B", mode "normal"|"trial", fw_version, bootloader_version
     set_state(n) / state, reset()
+    reset_cause "power-on"|"watchdog"|"software"|"crash" (why this image started)
+    FlashFault  the exception of a failed erase/program (kind "erase"|"program", page)
     """
 
     STATE_BOOTING = STATE_BOOTING
     STATE_IDLE = STATE_IDLE
     STATE_WRITING = STATE_WRITING
+    FlashFault = FlashFault
 
     def __init__(self, board: Board, bootctl: BootControl, slot: str, mode: str, image: Image):
         self._board = board
@@ -318,6 +354,7 @@ class Hal:
         self.mode = mode
         self.fw_version = image.version
         self.bootloader_version = BL_VERSION
+        self.reset_cause = board.reset_cause
         self.bcb = BcbService(bootctl, self)
         self._confirmed = threading.Event()
 
@@ -329,12 +366,12 @@ class Hal:
         self._board.state.set(value)
 
     def reset(self) -> None:
-        self._board.reset()
+        self._board.reset("software")
 
     def start_watchdog(self, window_s: float) -> None:
         def watch() -> None:
             if not self._confirmed.wait(window_s):
                 self.console.write_line_fresh("BL: watchdog reset")
-                self._board.reset()
+                self._board.reset("watchdog")
 
         threading.Thread(target=watch, name="trial-watchdog", daemon=True).start()

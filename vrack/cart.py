@@ -9,7 +9,11 @@ draw, the battery-backed RTC, the sensors, the flash (vrack.flash) and the reset
 logic is in vrack.bootloader.
 
     python -m vrack.cart --slot N --cart-config PATH --flash PATH --rtc PATH --state PATH
-                         --console-fd FD [--flash-time-scale X]
+                         --console-fd FD [--flash-time-scale X] [--faults PATH]
+
+Environment: VRACK_RESET_CAUSE (why this image started: power-on, set by the rack at power-on,
+or watchdog / software / crash, set by Board.reset across the execv; missing reads power-on),
+VRACK_SEED (seeds where a failing erase/program stops; unset: random).
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import random
 import select
 import sys
 import threading
@@ -29,9 +34,19 @@ from vrack.cartconfig import CartConfig, CartConfigError, load_cart
 from vrack.flash import STATE_BOOTING, Flash, FlashError, StateByte
 
 RESET_ENV = "VRACK_CART_RESET_AT"  # monotonic time of a reset, handed across execv
+CAUSE_ENV = "VRACK_RESET_CAUSE"  # the reset-cause register: why this image started
+RESET_CAUSES = ("power-on", "watchdog", "software", "crash")
+SEED_ENV = "VRACK_SEED"
 WRITE_STALL_S = 1.0  # a UART does not wait for a reader: after this long, output is dropped
 READY_FRACTION = 0.6  # power-on to "FW: ready" as a fraction of boot.expected_s
 MIN_SENSOR_INIT_S = 0.002
+
+
+def reset_cause() -> str:
+    """The latched reset cause, read (and cleared) once at start: a power cut clears it, so a
+    process the rack starts (or anyone else) reads power-on."""
+    cause = os.environ.pop(CAUSE_ENV, "power-on")
+    return cause if cause in RESET_CAUSES else "power-on"
 
 
 def power_on_time() -> float:
@@ -66,22 +81,25 @@ class Console:
     # output
 
     def write(self, text: str) -> None:
-        data = memoryview(text.encode("utf-8"))
         with self._write_lock:
-            if text:
-                self.at_line_start = text.endswith("\n")
-            while data:
-                try:
-                    _, ready, _ = select.select([], [self.fd], [], WRITE_STALL_S)
-                    if not ready:
-                        break
-                    n = os.write(self.fd, data)
-                except BlockingIOError:
-                    continue
-                except OSError:
+            self._write(text)
+
+    def _write(self, text: str) -> None:
+        data = memoryview(text.encode("utf-8"))
+        if text:
+            self.at_line_start = text.endswith("\n")
+        while data:
+            try:
+                _, ready, _ = select.select([], [self.fd], [], WRITE_STALL_S)
+                if not ready:
                     break
-                data = data[n:]
-            self.dropped += len(data)
+                n = os.write(self.fd, data)
+            except BlockingIOError:
+                continue
+            except OSError:
+                break
+            data = data[n:]
+        self.dropped += len(data)
 
     def write_line(self, text: str) -> None:
         self.write(text + "\r\n")
@@ -89,8 +107,7 @@ class Console:
     def write_line_fresh(self, text: str) -> None:
         """A line that must not share a line with whatever is showing (a prompt): a line break first if needed."""
         with self._write_lock:
-            prefix = "" if self.at_line_start else "\r\n"
-        self.write(prefix + text + "\r\n")
+            self._write(("" if self.at_line_start else "\r\n") + text + "\r\n")
 
     # input
 
@@ -208,7 +225,7 @@ class Board:
     """Everything the bootloader and firmware can touch on one cart."""
 
     def __init__(self, *, config: CartConfig, console: Console, flash: Flash, state: StateByte,
-                 clock: Rtc, slot: int, argv: list[str], power_on: float):
+                 clock: Rtc, slot: int, argv: list[str], power_on: float, reset_cause: str = "power-on"):
         self.config = config
         self.console = console
         self.flash = flash
@@ -217,6 +234,7 @@ class Board:
         self.slot = slot
         self.argv = argv
         self.power_on = power_on
+        self.reset_cause = reset_cause  # why this image started (the reset-cause register)
         self.sensors = [Sensor(name, self) for name in config.sensors]
         self._sensor_init_s: float | None = None
 
@@ -229,12 +247,16 @@ class Board:
             self._sensor_init_s = max(MIN_SENSOR_INIT_S, left / max(1, len(self.sensors)))
         return self._sensor_init_s
 
-    def reset(self) -> None:
-        """Reset the cart: the bootloader starts again in this same process (same pid)."""
+    def reset(self, cause: str = "software") -> None:
+        """Reset the cart: the bootloader starts again in this same process (same pid). `cause`
+        (watchdog, software, crash) is what the next image reads as its reset cause."""
+        if cause not in RESET_CAUSES:
+            raise ValueError(f"unknown reset cause {cause!r}")
         sys.stdout.flush()
         sys.stderr.flush()
         os.set_inheritable(self.console.fd, True)
         os.environ[RESET_ENV] = repr(time.monotonic())
+        os.environ[CAUSE_ENV] = cause
         os.execv(sys.executable, [sys.executable, "-m", "vrack.cart", *self.argv])
 
 
@@ -247,11 +269,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--state", required=True, help="one-byte state file (0 off 1 booting 2 idle 3 flash)")
     p.add_argument("--console-fd", type=int, required=True, help="inherited pty master fd")
     p.add_argument("--flash-time-scale", type=float, default=1.0, help="multiplies page_program_ms")
+    p.add_argument("--faults", default=None, help="flash fault file (JSON, set by the rack's control interface)")
     return p.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     power_on = power_on_time()
+    cause = reset_cause()
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
     console = Console(args.console_fd)
@@ -260,12 +284,14 @@ def main(argv: list[str] | None = None) -> int:
     state.set(STATE_BOOTING)
     try:
         config = load_cart(args.cart_config)
-        flash = Flash(args.flash, config.flash, time_scale=args.flash_time_scale, state=state)
+        seed = os.environ.get(SEED_ENV)
+        flash = Flash(args.flash, config.flash, time_scale=args.flash_time_scale, state=state, faults=args.faults,
+                      rng=random.Random(seed) if seed else None)
     except (CartConfigError, FlashError, OSError) as exc:
         print(f"vrack.cart slot {args.slot}: {exc}", file=sys.stderr)
         return 2
     board = Board(config=config, console=console, flash=flash, state=state, clock=Rtc(args.rtc),
-                  slot=args.slot, argv=argv, power_on=power_on)
+                  slot=args.slot, argv=argv, power_on=power_on, reset_cause=cause)
     Bootloader(board).run()
     return 0
 

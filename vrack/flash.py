@@ -1,15 +1,19 @@
 """The cart's NOR flash: a file written page by page, the partition layout, the boot control
 block (BCB), the trust-store blob and the fleet-settings blob. Layout and encodings: docs/flash-layout.md.
 
-Every write to flash goes through `Flash.write_page()`: the one place where page-program time
-is spent and where a later issue injects power cuts and torn pages.
+Every write to flash goes through `Flash.write_page()` (erase included): the one place where
+page-program time is spent, where the open operation is recorded for the rack to tear the page at a
+power cut, and where the erase/program faults set through the rack's control interface strike.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import random
 import struct
+import sys
+import threading
 import time
 import zlib
 from collections.abc import Callable
@@ -28,6 +32,16 @@ STATE_OFF, STATE_BOOTING, STATE_IDLE, STATE_WRITING = 0, 1, 2, 3
 
 class FlashError(RuntimeError):
     pass
+
+
+class FlashFault(FlashError):
+    """The part reported an erase or program failure (its status register): `kind` is "erase" or
+    "program", `page` the absolute page index. The page is left partly erased / programmed."""
+
+    def __init__(self, kind: str, page: int):
+        super().__init__(f"{kind} failed: page {page}")
+        self.kind = kind
+        self.page = page
 
 
 def slot_index(slot: str) -> int:
@@ -94,8 +108,46 @@ class Layout:
         return self.page_count * self.page_size  # 8P + 2S
 
 
+# The open-operation record, after the state byte in the state file (docs/flash-layout.md):
+#   0 state (1)  1 open (1: a page operation is in progress, 0: none)  2 kind (b"P" program, b"E" erase)
+#   3 reserved (0)  4 page index (u32 LE)  8 data length (u32 LE, = page size)
+#   12 CRC-32 of bytes 2..11 followed by the data (u32 LE)  16 the page's new data
+# Written in one pwrite (state byte 3 + record) before the program time, closed by one 2-byte pwrite
+# (state byte + open=0) after it. A record cut short by the kill fails its CRC: nothing was programmed.
+RECORD = struct.Struct("<BBcxIII")  # state, open, kind, page, length, crc
+RECORD_OPEN = 1
+KIND_PROGRAM, KIND_ERASE = b"P", b"E"
+
+
+def record_crc(kind: bytes, page: int, data: bytes) -> int:
+    return zlib.crc32(data, zlib.crc32(struct.pack("<cxII", kind, page, len(data))))
+
+
+@dataclass(frozen=True)
+class OpenWrite:
+    """A page operation that was in progress when the cart lost power."""
+
+    kind: bytes
+    page: int
+    data: bytes
+
+
+def read_open_write(raw: bytes) -> OpenWrite | None:
+    """The open-operation record in the bytes of a state file, or None (none open, or cut short)."""
+    if len(raw) < RECORD.size:
+        return None
+    _state, is_open, kind, page, length, crc = RECORD.unpack_from(raw, 0)
+    data = raw[RECORD.size : RECORD.size + length]
+    if is_open != RECORD_OPEN or kind not in (KIND_PROGRAM, KIND_ERASE) or len(data) != length:
+        return None
+    if record_crc(kind, page, data) != crc:
+        return None
+    return OpenWrite(kind, page, bytes(data))
+
+
 class StateByte:
-    """The one-byte state file the rack reads for the supply's current draw."""
+    """The state file the rack reads for the supply's current draw: byte 0 the state, then the
+    record of the page operation in progress (what the rack tears at a power cut)."""
 
     def __init__(self, path: str | Path | None):
         self.value = STATE_OFF
@@ -106,17 +158,146 @@ class StateByte:
         if self._fd is not None:
             os.pwrite(self._fd, bytes([value]), 0)
 
+    def open_write(self, kind: bytes, page: int, data: bytes) -> None:
+        """State 'writing flash' and the record of the operation, in one pwrite."""
+        self.value = STATE_WRITING
+        if self._fd is not None:
+            head = RECORD.pack(STATE_WRITING, RECORD_OPEN, kind, page, len(data), record_crc(kind, page, data))
+            os.pwrite(self._fd, head + data, 0)
+
+    def close_write(self, value: int) -> None:
+        """The operation is over: state `value`, record closed, in one pwrite."""
+        self.value = value
+        if self._fd is not None:
+            os.pwrite(self._fd, bytes([value, 0]), 0)
+
     def close(self) -> None:
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
 
 
+def tear_open_write(state_path: str | Path, flash_path: str | Path, page_size: int,
+                    rng: random.Random) -> tuple[int, int] | None:
+    """After a power cut: if the state file records a page operation in progress, leave that page of
+    the flash file torn (the new data up to a random point, random garbage beyond it) and close the
+    record. Returns (page, cut) or None. Used by the rack (the cart is dead by then)."""
+    try:
+        with open(state_path, "r+b") as f:
+            op = read_open_write(f.read(RECORD.size + page_size))
+            if op is None or len(op.data) != page_size:
+                return None
+            fd = os.open(flash_path, os.O_RDWR)
+            try:
+                if (op.page + 1) * page_size > os.fstat(fd).st_size:
+                    return None
+                cut = tear_point(op.data, rng)
+                os.pwrite(fd, torn_page(op.data, cut, rng), op.page * page_size)
+            finally:
+                os.close(fd)
+            f.seek(1)
+            f.write(b"\x00")
+            return op.page, cut
+    except OSError:
+        return None
+
+
+def tear_point(data: bytes, rng: random.Random) -> int:
+    """Where the cut stops a page operation: programming spends its time on the bytes that are not
+    0xFF (an erased byte needs no programming), so a program is cut within its data, 0..n where n is
+    the length up to the last byte that is not 0xFF (n itself: the data made it, the tail did not);
+    an erase (all 0xFF) anywhere in the page."""
+    significant = len(data.rstrip(b"\xff"))
+    return rng.randrange(significant + 1) if significant else rng.randrange(len(data))
+
+
+def torn_page(data: bytes, cut: int, rng: random.Random) -> bytes:
+    """`data` up to byte `cut`, random bytes beyond: a page whose program or erase was cut short."""
+    return bytes(data[:cut]) + rng.randbytes(len(data) - cut)
+
+
+# --- flash faults ------------------------------------------------------------------------------
+
+MAX_FAULT_ENTRIES = 1024
+FAULT_KEYS = ("erase_fail", "program_fail", "bitflip")
+
+
+@dataclass(frozen=True)
+class FlashFaults:
+    """Faults set on one cart's flash (docs/interfaces.md, rack control interface)."""
+
+    erase_fail: frozenset[int] = frozenset()
+    program_fail: frozenset[int] = frozenset()
+    bitflip: tuple[tuple[int, int, int], ...] = ()  # (page, offset, mask)
+
+    def __bool__(self) -> bool:
+        return bool(self.erase_fail or self.program_fail or self.bitflip)
+
+    def to_json(self) -> dict:
+        return {"erase_fail": sorted(self.erase_fail), "program_fail": sorted(self.program_fail),
+                "bitflip": [{"page": p, "offset": o, "mask": m} for p, o, m in self.bitflip]}
+
+
+def parse_faults(doc: object, page_count: int, page_size: int) -> FlashFaults:
+    """Validate a faults document; ValueError with a one-line reason on anything wrong."""
+
+    def is_int(v: object) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool)
+
+    def page_ok(where: str, v: object) -> int:
+        if not is_int(v):
+            raise ValueError(f"{where}: expected a page index (integer), got {type(v).__name__}")
+        if not 0 <= v < page_count:
+            raise ValueError(f"{where}: page {v} is outside the device (pages 0..{page_count - 1})")
+        return v
+
+    if not isinstance(doc, dict):
+        raise ValueError(f"expected a JSON object with {', '.join(FAULT_KEYS)}, got {type(doc).__name__}")
+    unknown = sorted(str(k) for k in doc if k not in FAULT_KEYS)
+    if unknown:
+        raise ValueError(f"unknown key {unknown[0][:40]!r}; known: {', '.join(FAULT_KEYS)}")
+    lists = {}
+    for key in FAULT_KEYS:
+        value = doc.get(key, [])
+        if not isinstance(value, list):
+            raise ValueError(f"{key}: expected a list, got {type(value).__name__}")
+        lists[key] = value
+    total = sum(len(v) for v in lists.values())
+    if total > MAX_FAULT_ENTRIES:
+        raise ValueError(f"{total} entries: at most {MAX_FAULT_ENTRIES}")
+    sets = {}
+    for key in ("erase_fail", "program_fail"):
+        pages = [page_ok(f"{key}[{i}]", v) for i, v in enumerate(lists[key])]
+        if len(set(pages)) != len(pages):
+            raise ValueError(f"{key}: page {next(p for p in pages if pages.count(p) > 1)} is listed twice")
+        sets[key] = frozenset(pages)
+    flips = []
+    for i, entry in enumerate(lists["bitflip"]):
+        where = f"bitflip[{i}]"
+        if not isinstance(entry, dict) or set(entry) != {"page", "offset", "mask"}:
+            raise ValueError(f"{where}: expected an object with exactly page, offset, mask")
+        page = page_ok(f"{where}.page", entry["page"])
+        offset, mask = entry["offset"], entry["mask"]
+        if not is_int(offset) or not 0 <= offset < page_size:
+            raise ValueError(f"{where}.offset: expected an integer 0..{page_size - 1}, got {offset!r:.40}")
+        if not is_int(mask) or not 1 <= mask <= 255:
+            raise ValueError(f"{where}.mask: expected an integer 1..255, got {mask!r:.40}")
+        flips.append((page, offset, mask))
+    if len({(p, o) for p, o, _ in flips}) != len(flips):
+        raise ValueError("bitflip: the same page and offset is listed twice")
+    return FlashFaults(sets["erase_fail"], sets["program_fail"], tuple(flips))
+
+
 class Flash:
-    """A flash file of the cart's geometry, opened unbuffered (os.pread / os.pwrite)."""
+    """A flash file of the cart's geometry, opened unbuffered (os.pread / os.pwrite).
+
+    `faults`: the cart's fault file (`<run_dir>/faults/slotNN.json`, written by the rack's control
+    interface), re-read whenever its inode, mtime or size changes (one os.stat per operation).
+    """
 
     def __init__(self, path: str | Path, geometry: FlashGeometry, *, time_scale: float = 1.0,
-                 state: StateByte | None = None):
+                 state: StateByte | None = None, faults: str | Path | None = None,
+                 rng: random.Random | None = None):
         self.path = Path(path)
         self.geometry = geometry
         self.layout = Layout(geometry.page_size, geometry.slot_size)
@@ -125,6 +306,12 @@ class Flash:
         self.page_delay_s = geometry.page_program_ms * time_scale / 1000.0
         self.state = state
         self.pages_written = 0
+        self.faults_path = None if faults is None else os.fspath(faults)
+        self.faults = FlashFaults()
+        self._faults_key: tuple | None = None
+        self._flips: dict[int, list[tuple[int, int]]] = {}  # page -> [(offset, mask)]
+        self._rng = rng or random.Random()
+        self._op_lock = threading.Lock()  # the part runs one erase/program at a time
         self._fd = os.open(self.path, os.O_RDWR)
         size = os.fstat(self._fd).st_size
         if size != self.layout.total_size:
@@ -151,34 +338,99 @@ class Flash:
     def __exit__(self, *exc) -> None:
         self.close()
 
+    # faults
+
+    def _check_faults(self) -> FlashFaults:
+        """The faults in force now: the fault file is re-read when it changed (or went)."""
+        if self.faults_path is None:
+            return self.faults
+        try:
+            st = os.stat(self.faults_path)
+            key = (st.st_ino, st.st_mtime_ns, st.st_size)
+        except OSError:
+            key = None
+        if key != self._faults_key:
+            self._faults_key = key
+            faults = FlashFaults()
+            if key is not None:
+                try:
+                    with open(self.faults_path, "rb") as f:
+                        faults = parse_faults(json.loads(f.read(1 << 20)), self.layout.page_count, self.page_size)
+                except (OSError, ValueError, RecursionError) as exc:
+                    print(f"vrack flash: {self.faults_path}: ignored: {exc}", file=sys.stderr, flush=True)
+            self.faults = faults
+            self._flips = {}
+            for page, offset, mask in faults.bitflip:
+                self._flips.setdefault(page, []).append((offset, mask))
+        return self.faults
+
+    # reads
+
     def read(self, offset: int, length: int) -> bytes:
         if offset < 0 or length < 0 or offset + length > self.layout.total_size:
             raise FlashError(f"read {offset}+{length} outside flash of {self.layout.total_size} bytes")
-        return os.pread(self._fd, length, offset)
+        self._check_faults()
+        data = os.pread(self._fd, length, offset)
+        if not self._flips or not length:
+            return data
+        first, last = offset // self.page_size, (offset + length - 1) // self.page_size
+        flipped = None
+        for page, flips in self._flips.items():
+            if first <= page <= last:
+                for off, mask in flips:
+                    at = page * self.page_size + off - offset
+                    if 0 <= at < length:
+                        flipped = flipped if flipped is not None else bytearray(data)
+                        flipped[at] ^= mask
+        return data if flipped is None else bytes(flipped)
 
     def read_page(self, index: int) -> bytes:
         return self.read(index * self.page_size, self.page_size)
 
+    # the one write path
+
     def write_page(self, index: int, data: bytes) -> None:
         """Erase and program one page: THE single write path of the flash.
 
-        Spends the page-program time (physics, scaled) with the state byte at 'writing flash',
-        then stores the page. Data shorter than a page is padded with erased bytes.
+        Spends the page-program time (physics, scaled) with the state byte at 'writing flash' and the
+        operation recorded in the state file (a power cut then leaves the page torn: the rack tears
+        it), then stores the page. Data shorter than a page is padded with erased bytes. A fault set
+        on the page leaves it partly erased / programmed and raises FlashFault.
         """
+        self._operate(index, data, KIND_PROGRAM)
+
+    def erase_page(self, index: int) -> None:
+        """Erase one page (all 0xFF): the same write path, recorded as an erase."""
+        self._operate(index, b"", KIND_ERASE)
+
+    def _operate(self, index: int, data: bytes, kind: bytes) -> None:
         if not 0 <= index < self.layout.page_count:
             raise FlashError(f"page {index} outside flash of {self.layout.page_count} pages")
         if len(data) > self.page_size:
             raise FlashError(f"page {index}: {len(data)} bytes do not fit a {self.page_size}-byte page")
         page = bytes(data) + bytes([ERASED]) * (self.page_size - len(data))
-        previous = self.state.value if self.state else None
-        if self.state:
-            self.state.set(STATE_WRITING)
-        if self.page_delay_s > 0:
-            time.sleep(self.page_delay_s)
-        os.pwrite(self._fd, page, index * self.page_size)
-        self.pages_written += 1
-        if self.state and previous is not None:
-            self.state.set(previous)
+        with self._op_lock:
+            faults = self._check_faults()
+            previous = self.state.value if self.state else None
+            if self.state:
+                self.state.open_write(kind, index, page)
+            try:
+                if self.page_delay_s > 0:
+                    time.sleep(self.page_delay_s)
+                at = index * self.page_size
+                if index in faults.erase_fail:  # the erase step fails: partly erased, nothing programmed
+                    cut = self._rng.randrange(1, self.page_size)
+                    os.pwrite(self._fd, bytes([ERASED]) * cut, at)
+                    raise FlashFault("erase", index)
+                if kind == KIND_PROGRAM and index in faults.program_fail:  # erased, then partly programmed
+                    cut = self._rng.randrange(1, self.page_size)
+                    os.pwrite(self._fd, page[:cut] + bytes([ERASED]) * (self.page_size - cut), at)
+                    raise FlashFault("program", index)
+                os.pwrite(self._fd, page, at)
+                self.pages_written += 1
+            finally:
+                if self.state and previous is not None:
+                    self.state.close_write(previous)
 
     def write_pages(self, first_page: int, data: bytes,
                     progress: Callable[[int, int], None] | None = None) -> None:
@@ -192,7 +444,7 @@ class Flash:
     def erase_pages(self, first_page: int, count: int,
                     progress: Callable[[int, int], None] | None = None) -> None:
         for i in range(count):
-            self.write_page(first_page + i, b"")
+            self.erase_page(first_page + i)
             if progress:
                 progress(i + 1, count)
 
@@ -266,10 +518,16 @@ def decode_bcb(raw: bytes) -> Bcb | None:
 
 class BootControl:
     """The two redundant BCB copies: read picks the valid copy with the highest seq; write
-    stores seq+1 into the other copy, so a torn write leaves the previous state readable."""
+    stores seq+1 into the other copy, so a torn write leaves the previous state readable.
 
-    def __init__(self, flash: Flash):
+    `say(line)`: where the cut-target line `EV: bcb-write copy=<c> seq=<n> why=<why> t=<ns>` goes
+    before each copy is written (and `BL: bcb write failed: page N` when the part reports a failure:
+    the write then goes to the other copy). None (the factory, tools): no lines.
+    """
+
+    def __init__(self, flash: Flash, say: Callable[[str], None] | None = None):
         self.flash = flash
+        self.say = say
 
     def copies(self) -> list[Bcb | None]:
         return [decode_bcb(self.flash.read_page(self.flash.layout.bcb_page(c))) for c in (0, 1)]
@@ -289,12 +547,26 @@ class BootControl:
         """The current BCB; defaults (seq 0, active A, confirmed) if neither copy is valid."""
         return self.read_valid() or Bcb()
 
-    def write(self, bcb: Bcb) -> Bcb:
+    def write(self, bcb: Bcb, why: str | None = None) -> Bcb:
+        """Store `bcb` with seq = current + 1 in the copy that is not current. If the part fails that
+        write (FlashFault), the same record goes to the other copy; FlashFault if both fail."""
         copy, current = self._current()
         new = replace(bcb, seq=(current.seq + 1) if current else max(bcb.seq, 0) + 1)
         target = 0 if copy is None else 1 - copy
-        self.flash.write_page(self.flash.layout.bcb_page(target), encode_bcb(new))
-        return new
+        raw = encode_bcb(new)
+        for attempt in (target, 1 - target):
+            page = self.flash.layout.bcb_page(attempt)
+            if self.say:
+                self.say(f"EV: bcb-write copy={attempt} seq={new.seq} why={why or '-'} t={time.monotonic_ns()}")
+            try:
+                self.flash.write_page(page, raw)
+                return new
+            except FlashFault as exc:
+                if self.say:
+                    self.say(f"BL: bcb write failed: page {exc.page}")
+                if attempt != target:
+                    raise
+        raise AssertionError("unreachable")
 
 
 # --- framed blobs: the trust store and the fleet settings --------------------------------------

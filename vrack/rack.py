@@ -11,7 +11,9 @@ import errno
 import hashlib
 import json
 import os
+import random
 import re
+import secrets
 import select
 import signal
 import socket
@@ -36,9 +38,10 @@ from vrack.cartconfig import (
     printable,
     read_yaml_file,
 )
+from vrack.control import ControlServer, SlotFaults
 from vrack.factory import provision_flash, settings_blob, write_factory, write_settings
-from vrack.flash import FlashError, SettingsError
-from vrack.psu import DIALECTS, EmulatedSupply
+from vrack.flash import FlashError, Layout, SettingsError, tear_open_write
+from vrack.psu import DIALECTS, EmulatedSupply, RxLog
 
 
 class RackError(Exception):
@@ -80,6 +83,7 @@ class RigDef:
     supplies: list[SupplyDef]
     slots: list[SlotDef]
     image_hosts: tuple[str, ...] = ("127.0.0.1",)  # where the carts may download images (fleet settings)
+    supply_rx_log: Path | None = None  # virtual.supply_rx_log: every line the supplies receive (psu.RxLog)
 
 
 MAX_SUPPLIES = 32
@@ -160,6 +164,8 @@ def _check_rig(path: Path, data) -> None:
             raise fail(("virtual", "flash_time_scale"), f"expected a number in (0, 10], got {printable(scale)}")
     if virt.get("pki") is not None:
         need(("virtual", "pki"), "string")
+    if virt.get("supply_rx_log") is not None:
+        need(("virtual", "supply_rx_log"), "string")
     need(("broker",), "mapping")
     ports: dict[int, str] = {in_range(("broker", "port"), 1, 65535): "the broker"}
     host = data["broker"].get("host")
@@ -264,8 +270,10 @@ def load_rig(path: Path | str) -> RigDef:
                              need(s, "supply", where), int(need(s, "channel", where))))
     broker = need(data, "broker", "")
     pki = (base / virt["pki"]).resolve() if virt.get("pki") else None
+    rx_log = (base / virt["supply_rx_log"]).resolve() if virt.get("supply_rx_log") else None
     return RigDef(path, str(data.get("name", path.stem)), run_dir, float(virt.get("flash_time_scale", 1.0)),
-                  int(need(broker, "port", "broker.")), pki, supplies, slots, image_hosts=_image_hosts(path, data))
+                  int(need(broker, "port", "broker.")), pki, supplies, slots, image_hosts=_image_hosts(path, data),
+                  supply_rx_log=rx_log)
 
 
 def _image_hosts(path: Path, data: dict) -> tuple[str, ...]:
@@ -295,7 +303,7 @@ BIND_HOST = "127.0.0.1"  # the supplies and the broker listen here
 #: this marker, or is new or empty, or holds nothing but the names of the rack's own layout below
 #: (a run dir of an older rack, or one the harness has just made to start the rack in).
 RUN_DIR_MARKER = ".vrack-run-dir"
-RUN_DIR_DIRS = ("flash", "rtc", "state", "logs", "carts", "factory", "broker", "dev")
+RUN_DIR_DIRS = ("flash", "rtc", "state", "logs", "carts", "factory", "broker", "dev", "faults")
 RUN_DIR_FILES = (RUN_DIR_MARKER, "rack.json", "rack.tmp", "vrack.log", ".rack.lock", "rack.owner")
 
 
@@ -363,16 +371,23 @@ class CartSocket:
         self.state = rack.run_dir / "state" / tag
         self.log = rack.run_dir / "logs" / f"{tag}-process.log"
         self.config_copy = rack.run_dir / "carts" / f"{cart.id}.json"
+        self.faults = SlotFaults(rack.run_dir / "faults" / f"{tag}.json",
+                                 Layout(cart.flash.page_size, cart.flash.slot_size).page_count, cart.flash.page_size)
+        self.seed = f"{rack.seed}:{slot.number}"
+        self.rng = random.Random(self.seed)  # where a cut tears a page: reproducible with VRACK_SEED
 
     def prepare(self, factory_dir: Path, broker: Broker) -> None:
         stamp = self.flash.with_suffix(".factory")
         who = f"{self.rack.rig.path}: slot {self.slot.number} ({self.cart.id})"
         for p, what in ((self.flash, "flash"), (stamp, "flash stamp"), (self.rtc, "rtc"), (self.state, "state"),
-                        (self.log, "log"), (self.config_copy, "cart config copy")):
+                        (self.log, "log"), (self.config_copy, "cart config copy"), (self.faults.path, "flash faults")):
             p.parent.mkdir(parents=True, exist_ok=True)
             # the rack writes these files: never through a symlink, never over a directory or device
             if os.path.lexists(p) and (p.is_symlink() or not p.is_file()):
                 raise RackError(f"{who}: {what}: {p} is not a regular file: refusing to touch it")
+        self.faults.clear()  # faults are set per rack run, through its control interface
+        if self.flash.is_file() and self.state.is_file():
+            self.tear()  # power was lost mid-write while no rack watched (a rack killed outright)
         # what the cart reads at every power-on: its configuration, as JSON (no YAML parser at boot)
         self.config_copy.write_text(json.dumps(self.cart.raw))
         settings = self.fleet_settings(broker)
@@ -428,15 +443,25 @@ class CartSocket:
                        "--cart-config", str(self.config_copy), "--flash", str(self.flash),
                        "--rtc", str(self.rtc), "--state", str(self.state),
                        "--console-fd", str(self.cable.master_fd),
-                       "--flash-time-scale", str(self.rack.rig.flash_time_scale)]
+                       "--flash-time-scale", str(self.rack.rig.flash_time_scale), "--faults", str(self.faults.path)]
+                # a cold start: the reset-cause register reads power-on
+                env = {**os.environ, "VRACK_RESET_CAUSE": "power-on", "VRACK_SEED": self.seed}
                 with open(self.log, "ab") as log:
                     self.proc = subprocess.Popen(cmd, pass_fds=(self.cable.master_fd,), stdin=subprocess.DEVNULL,
-                                                 stdout=log, stderr=log, start_new_session=True)
+                                                 stdout=log, stderr=log, start_new_session=True, env=env)
             elif not on and self.proc is not None:
                 self.proc.kill()  # the power cut: no warning, no cleanup
                 self.proc.wait()
                 self.proc = None
+                self.tear()
                 self.state.write_bytes(bytes([STATE_OFF]))
+
+    def tear(self) -> None:
+        """The page the cart was programming or erasing when power went is left torn (vrack.flash)."""
+        torn = tear_open_write(self.state, self.flash, self.cart.flash.page_size, self.rng)
+        if torn is not None:
+            print(f"vrack: slot {self.slot.number} ({self.cart.id}): power cut during a write of page {torn[0]}: "
+                  f"torn at byte {torn[1]}", file=sys.stderr, flush=True)
 
     def draw(self) -> float:
         """What the cart draws from the supply right now."""
@@ -444,7 +469,8 @@ class CartSocket:
         if proc is None or proc.poll() is not None:
             return 0.0
         try:
-            st = self.state.read_bytes()[:1]
+            with open(self.state, "rb") as f:
+                st = f.read(1)
         except OSError:
             st = b""
         d = self.cart.draw
@@ -460,7 +486,10 @@ class Rack:
         self.cables: list[Cable] = []
         self.sockets: dict[tuple[str, int], CartSocket] = {}
         self.supplies: list[EmulatedSupply] = []
+        self.rx_log: RxLog | None = None
         self.broker: Broker | None = None
+        self.control: ControlServer | None = None
+        self.seed = os.environ.get("VRACK_SEED") or secrets.token_hex(8)  # torn pages, failing writes
 
     def _check_not_running(self) -> None:
         if self.state_file.exists():
@@ -548,6 +577,8 @@ class Rack:
                 sock.prepare(factory_dir, self.broker)
                 self.sockets[(s.supply, s.channel)] = sock
                 by_supply.setdefault(s.supply, {})[s.channel] = sock
+            if self.rig.supply_rx_log is not None:
+                self.rx_log = RxLog(self.rig.supply_rx_log)
             for sd in self.rig.supplies:
                 chans = by_supply.get(sd.name, {})
 
@@ -559,7 +590,7 @@ class Rack:
                     return chans[ch].draw() if ch in chans else 0.0
 
                 psu = EmulatedSupply(sd.name, sd.dialect, sd.model, sd.channels, sd.port,
-                                     on_output=on_output, draw=draw)
+                                     on_output=on_output, draw=draw, rx_log=self.rx_log)
                 try:
                     psu.start()
                 except OSError as exc:
@@ -568,6 +599,8 @@ class Rack:
                                         "is in use") from None
                     raise RackError(one_line(f"{self.rig.path}: {exc.strerror or exc}")) from None  # names the supply
                 self.supplies.append(psu)
+            self.control = ControlServer({s.slot.number: s.faults for s in self.sockets.values()}, BIND_HOST, 0)
+            self.control.start()
         except OSError as exc:
             self.down()
             raise RackError(one_line(f"{self.rig.path}: virtual.run_dir: {exc}")) from None
@@ -576,13 +609,20 @@ class Rack:
             raise
         tmp = self.state_file.with_suffix(".tmp")
         tmp.write_text(json.dumps({"pid": os.getpid(), "rig": str(self.rig.path), "status": "ready",
+                                   "control": self.control.url, "seed": self.seed,
                                    "started": time.time()}))
         tmp.replace(self.state_file)
 
     def down(self) -> None:
+        if self.control is not None:
+            self.control.stop()
+            self.control = None
         for psu in self.supplies:
             psu.stop()
         self.supplies.clear()
+        if self.rx_log is not None:
+            self.rx_log.close()
+            self.rx_log = None
         for sock in self.sockets.values():
             sock.power(False)
         self.sockets.clear()
