@@ -11,15 +11,21 @@ import json
 import os
 import re
 import select
+import subprocess
+import sys
 import threading
 import time
+import types
 import uuid
+from dataclasses import replace
+from pathlib import Path
 from urllib.parse import urlsplit
 
 import pytest
+import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from test_vrack_cart import VirtualCart, fast_config
+from test_vrack_cart import REPO, VirtualCart, fast_config
 
 from harness import pki
 from harness.fleet.imagehost import ImageHost
@@ -28,8 +34,21 @@ from harness.fleet.mqtt import MqttClient
 from harness.fleet.telemetry import Telemetry
 from harness.image import sign_image
 from vrack import factory
+from vrack.bootloader import BcbService
+from vrack.cartconfig import config_from_mapping
 from vrack.firmware import reference
-from vrack.flash import SETTINGS_MAX, Flash, SettingsError, decode_settings, encode_settings
+from vrack.flash import (
+    SETTINGS_MAX,
+    Bcb,
+    BootControl,
+    Flash,
+    FlashFault,
+    SettingsError,
+    decode_bcb,
+    decode_settings,
+    encode_bcb,
+    encode_settings,
+)
 from vrack.image import build_image as assemble_image
 
 HOST = "127.0.0.1"
@@ -48,6 +67,7 @@ class OtaCart(VirtualCart):
         self._partial = ""
         self._cond = threading.Condition()
         self._stop = False
+        self.faults_path = workdir / "faults.json"
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
 
@@ -105,6 +125,25 @@ class OtaCart(VirtualCart):
         self._stop = True
         self._reader.join(2)
         super().close()
+
+    def power_on(self) -> None:
+        """As the rack starts a cart: with the fault file its control interface writes (`faults_path`)."""
+        cmd = [sys.executable, "-m", "vrack.cart", "--slot", "1", "--cart-config", str(self.config_path),
+               "--flash", str(self.flash_path), "--rtc", str(self.rtc_path), "--state", str(self.state_path),
+               "--console-fd", str(self.master), "--flash-time-scale", str(self.time_scale),
+               "--faults", str(self.faults_path)]
+        with open(self.errlog, "ab") as err:
+            self.proc = subprocess.Popen(cmd, pass_fds=(self.master,), stdin=subprocess.DEVNULL,
+                                         stdout=subprocess.DEVNULL, stderr=err, cwd=REPO)
+
+    def set_faults(self, faults: dict | None) -> None:
+        """The rack's PUT/DELETE /slots/<n>/flash-faults, as it lands on the cart: the fault file."""
+        if faults is None:
+            self.faults_path.unlink(missing_ok=True)
+        else:
+            tmp = self.faults_path.with_suffix(".tmp")
+            tmp.write_text(json.dumps(faults))
+            os.replace(tmp, self.faults_path)
 
     def slot_hashes(self) -> dict[str, str]:
         found = (re.fullmatch(r"slot ([AB]) sha256=([0-9a-f]{64})", x) for x in self.command("slot hash"))
@@ -186,8 +225,9 @@ class Lab:
         self._ids = itertools.count(1)
 
     def provision(self, version: str = "1.4.2", settings: bool = True,
-                  image_hosts: tuple[str, ...] | None = (HOST,)) -> None:
-        """`image_hosts` None: fleet settings of the old format, without the list."""
+                  image_hosts: tuple[str, ...] | None = (HOST,), faults: dict | None = None) -> None:
+        """`image_hosts` None: fleet settings of the old format, without the list. `faults`: the
+        factory image (slot A) is that fault build."""
         ca, cert, key = self.broker.ensure_client_cert(self.thing)
         blob = factory.settings_blob(self.thing, HOST, self.broker.port, ca.read_text(), cert.read_text(),
                                      key.read_text(), image_hosts=image_hosts or ()) if settings else None
@@ -196,7 +236,8 @@ class Lab:
             del old["image_hosts"]
             blob = encode_settings(old)
         trust = factory.trust_blob([{"name": pki.ROOT_OLD, "pem": self.pki.root_pem(pki.ROOT_OLD)}])
-        factory.provision_flash(self.cart.flash_path, self.cart.config, factory.build_image(version), trust, blob)
+        factory.provision_flash(self.cart.flash_path, self.cart.config, factory.build_image(version, faults=faults),
+                                trust, blob)
 
     def sign(self, unsigned: bytes, **kw) -> bytes:
         now = int(time.time())
@@ -376,6 +417,9 @@ def test_rejected_images_and_documents_write_nothing(make_lab, host):
     assert cart.command("slot status")[0].startswith("slot active=A booted=A pending=- tries=0 confirmed=yes boots=1 ")
     assert cart.command("ota status") == [f"ota state=idle broker=connected thing={lb.thing}"]
     assert cart.seen.count("CART-BL") == 1, "the cart rebooted"
+    reports = [x for x in cart.lines() if x.startswith("EV: job-report ")]
+    assert len(reports) == len(jobs) and all(re.fullmatch(r"EV: job-report status=REJECTED t=\d+", x) for x in reports)
+    assert not [x for x in cart.lines() if x.startswith(("EV: erase", "EV: write", "EV: set-pending"))]
 
 
 class Redirector:
@@ -486,10 +530,14 @@ def test_never_mark_good_is_rolled_back_and_reported_once(make_lab, telemetry):
     in_order(cart.lines(), [
         r"BL: rollback: slot B not confirmed, back to slot A",
         r"BOOT: bl=2\.1\.0 slot=A fw=1\.4\.2 cfg=\S+ mode=normal",
+        r"EV: self-test t=\d+",
         r"OTA: rollback record slot=B fw=1\.6\.0",
+        r"EV: metric-publish target=1\.6\.0 t=\d+",
         r"OTA: metric firmware_rollback_count target=1\.6\.0 published",
+        r"EV: report-failed reason=rolled-back t=\d+",
         rf"OTA: job {job} reported FAILED: rolled back from 1\.6\.0",
     ])
+    assert not [x for x in cart.lines() if x.startswith("EV: report-succeeded") or x.startswith("EV: mark-good")]
     assert cart.command("slot status")[0] == \
         "slot active=A booted=A pending=- tries=0 confirmed=yes boots=3 rollbacks=1"
     bcb = cart.bcb()
@@ -591,6 +639,8 @@ def test_truncated_download_fails_after_eight_attempts(make_lab, host):
         "FAILED", {"reason": f"download incomplete: {half} of {len(image)} bytes"})
     assert len([r for r in host.requests(job) if r.range == f"bytes={half}-"]) == 8
     lb.cart.expect(rf"OTA: failed job={job}: download incomplete: {half} of {len(image)} bytes\r\n")
+    in_order(lb.cart.lines(), [rf"EV: download off={half} t=\d+"] * 8 + [
+        r"EV: report-failed reason=download-incomplete t=\d+", rf"OTA: failed job={job}: download incomplete: .*"])
     assert lb.cart.slot_hashes() == before
 
 
@@ -712,10 +762,15 @@ def test_an_unexpected_error_in_a_job_is_reported_failed():
 
         _finish = reference.Agent._finish
 
+        def ev(self, name, reprompt=True, **detail):
+            events.append((name, detail))
+
+    events = []
     agent = Stub()
     reference.Agent.run_job(agent, "j1", {"operation": "ota"})
     assert reports == [("j1", "FAILED", {"reason": "internal error: KeyError: 'boom'"})]
     assert lines == ["OTA: failed job=j1: internal error: KeyError: 'boom'"] and agent.state == "idle"
+    assert events == [("report-failed", {"reason": "internal-error"})]
     assert json.dumps(reports)
 
 
@@ -770,3 +825,524 @@ def test_image_host_refusal(url, refusal):
 def test_unusable_image_host_lists_allow_nothing(hosts):
     settings = {} if hosts is None else {"image_hosts": hosts}
     assert reference.image_hosts_of(settings) is None
+
+
+# --- event lines (cut targets) -------------------------------------------------------------------
+
+PROFILE = Path(__file__).resolve().parents[1] / "configs" / "profiles" / "reference.yaml"
+FIRMWARE_EVENTS = ("download", "verify", "erase", "write", "readback", "set-pending", "job-report",
+                   "reset-for-trial", "self-test", "report-succeeded", "mark-good", "metric-publish",
+                   "report-failed")
+
+
+def event_pattern() -> re.Pattern:
+    return re.compile(yaml.safe_load(PROFILE.read_text())["patterns"]["event"])
+
+
+def events_of(lines: list[str]) -> list[re.Match]:
+    """Every EV line as a match of the profile's `event` pattern (each must match it)."""
+    rx = event_pattern()
+    found = []
+    for line in lines:
+        assert "EV:" not in line or line.startswith("EV: "), f"an event line shares a line: {line!r}"
+        if line.startswith("EV: "):
+            m = rx.fullmatch(line)
+            assert m, f"event line does not match the profile's pattern: {line!r}"
+            found.append(m)
+    return found
+
+
+def detail(m: re.Match) -> dict[str, str]:
+    return dict(w.split("=", 1) for w in m.group("detail").split())
+
+
+def test_event_lines_of_an_uninterrupted_update(make_lab):
+    """The event sequence a sweep records: ordered names, one line each before its step, stamps
+    strictly increasing (device monotonic_ns, across the reset into the trial), every line matching
+    the profile's `event` pattern."""
+    lb = make_lab()
+    lb.provision()
+    lb.boot()
+    cart = lb.cart
+    image = lb.image("1.6.0")
+    job = lb.job(image, "1.6.0")
+    assert lb.wait(job)["status"] == "SUCCEEDED"
+    cart.expect(r"FW: slot B confirmed\r\n", 10)
+    lines = cart.lines()
+    events = events_of(lines)
+    stamps = [int(m.group("t_ns")) for m in events]
+    assert stamps == sorted(stamps) and len(set(stamps)) == len(stamps), "t not strictly increasing"
+    assert stamps[0] > 0 and stamps[-1] <= time.monotonic_ns()
+    mine = [m for m in events if m.group("name") in FIRMWARE_EVENTS]  # the bootloader's own are not the agent's
+    runs = [name for name, _ in itertools.groupby(m.group("name") for m in mine)]
+    assert runs == ["self-test", "download", "verify", "erase", "write", "readback", "set-pending", "job-report",
+                    "reset-for-trial", "self-test", "report-succeeded", "mark-good"], runs
+    by = {name: [detail(m) for m in mine if m.group("name") == name] for name in FIRMWARE_EVENTS}
+    offsets = [int(d["off"]) for d in by["download"]]
+    assert offsets[0] == 0 and offsets == sorted(set(offsets)) and offsets[-1] < len(image)
+    assert 5 <= len(offsets) <= 11, offsets  # about every 10 %
+    n = -(-len(image) // 4096)
+    groups = [f"{i}/{n}" for i in range(0, n, 8)]
+    assert by["erase"] == [{"slot": "B", "page": g} for g in groups]
+    assert by["write"] == [{"slot": "B", "page": g} for g in groups]
+    assert by["readback"] == [{"slot": "B"}] and by["set-pending"] == [{"slot": "B"}]
+    assert by["job-report"] == [{"status": "IN_PROGRESS"}] and by["metric-publish"] == by["report-failed"] == []
+    # each line comes before the work it announces
+    in_order(lines, [
+        r"OTA: download \d+/\d+", r"EV: verify t=\d+", r"OTA: verify ok fw=1\.6\.0 ca=\S+",
+        rf"EV: erase slot=B page=0/{n} t=\d+", rf"EV: write slot=B page=0/{n} t=\d+",
+        r"OTA: write \d+/\d+ pages slot=B", r"EV: readback slot=B t=\d+", r"OTA: write done slot=B sha256=\S+",
+        r"EV: set-pending slot=B t=\d+", r"EV: job-report status=IN_PROGRESS t=\d+",
+        r"OTA: trial armed slot=B fw=1\.6\.0, rebooting", r"EV: reset-for-trial t=\d+", r"CART-BL .*",
+        r"BOOT: .* mode=trial", r"FW: sensor \S+ ok", r"EV: self-test t=\d+", r"FW: self-test ok",
+        r"EV: report-succeeded t=\d+", rf"OTA: trial fw=1\.6\.0 reported SUCCEEDED job={job}",
+        r"FW: marking slot B good", r"EV: mark-good t=\d+", r"FW: slot B confirmed",
+    ])
+    assert lines.index(next(x for x in lines if x.startswith("EV: download off=0 "))) < \
+        lines.index(next(x for x in lines if x.startswith("OTA: download ")))
+    print("\nevent lines of an update:\n" + "\n".join(m.group(0) for m in events))
+
+
+def test_event_values_are_single_words():
+    lines = []
+
+    class Console:
+        def write(self, text):
+            lines.append(text)
+
+        def write_line(self, text):
+            lines.append(text)
+
+    class Hal:
+        console = Console()
+
+    fw = reference.Firmware(Hal())
+    fw.ev("report-failed", reason="a b\tc\x00d")
+    fw.ev("erase", slot="B", page="0/13")
+    rx = event_pattern()
+    assert [rx.fullmatch(x).group("name", "detail") for x in lines] == [
+        ("report-failed", " reason=a-b-c-d"), ("erase", " slot=B page=0/13")]
+    assert reference.reason_word("write failed: program failed: page 9") == "write-failed"
+    assert reference.reason_word("rolled back") == "rolled-back" and reference.reason_word(": x") == "unknown"
+
+
+# --- flash faults and the agent, in this process: a real flash file, the rack's fault file ----------
+
+
+class PowerCut(BaseException):
+    """The process dies here (nothing in the firmware may catch it)."""
+
+
+class Reset(BaseException):
+    pass
+
+
+class LineConsole:
+    def __init__(self):
+        self.lines: list[str] = []
+
+    def write(self, text: str) -> None:
+        self.lines += [x for x in text.replace("cart> ", "").split("\r\n") if x]
+
+    def write_line(self, text: str) -> None:
+        self.lines.append(text)
+
+
+class CutFlash:
+    """A flash whose power goes at the start of one operation (`cut`: ("erase"|"program", page)):
+    that page is left as it was, nothing after it happens."""
+
+    def __init__(self, flash: Flash, cut: tuple[str, int] | None = None):
+        self._flash = flash
+        self.cut = cut
+        self.layout, self.page_size, self.slot_size = flash.layout, flash.page_size, flash.slot_size
+        self.read, self.read_page, self.read_slot = flash.read, flash.read_page, flash.read_slot
+
+    def erase_page(self, index: int) -> None:
+        if self.cut == ("erase", index):
+            raise PowerCut()
+        self._flash.erase_page(index)
+
+    def write_page(self, index: int, data: bytes) -> None:
+        if self.cut == ("program", index):
+            raise PowerCut()
+        self._flash.write_page(index, data)
+
+
+class InProcessHal:
+    """What main(hal) gets from the bootloader (vrack.bootloader.Hal), minus the process: the flash is
+    the cart's real flash file (with the rack's fault file), boot control the bootloader's own code."""
+
+    FlashFault = FlashFault
+
+    def __init__(self, flash, booted: str = "A", mode: str = "normal"):
+        self.flash = flash
+        self.console = LineConsole()
+        self.booted_slot, self.mode = booted, mode
+        self.config = {"hardware_revision": "rev-c"}
+        self._confirmed = threading.Event()
+        self.bcb = BcbService(BootControl(flash), self)
+        self.resets = 0
+
+    def reset(self) -> None:
+        self.resets += 1
+        raise Reset()
+
+    def events(self) -> list[str]:
+        return [re.sub(r" t=\d+$", "", x) for x in self.console.lines if x.startswith("EV: ")]
+
+
+SETTINGS = {"thing": "cart-unit", "mqtt": {"host": HOST, "port": 8883, "ca": "C", "cert": "P", "key": "K"},
+            "image_hosts": [HOST]}
+
+
+class UnitCart:
+    """A provisioned flash file (1.4.2 in slot A, a stale 1.3.0 in slot B), its fault file, and
+    the agent of a firmware module (the reference source, or a fault build's payload) over it."""
+
+    def __init__(self, tmp_path, module=reference, faults: dict | None = None, booted: str = "A"):
+        self.config = config_from_mapping(fast_config())
+        self.path = tmp_path / "flash.bin"
+        self.faults_path = tmp_path / "faults.json"
+        factory.provision_flash(self.path, self.config, factory.build_image("1.4.2"),
+                                factory.trust_blob([{"name": "lab-root-2025", "pem": ""}]))
+        with Flash(self.path, self.config.flash, time_scale=0) as f:
+            f.write_pages(f.layout.slot_first_page("B"), factory.build_image("1.3.0"))
+        if faults is not None:
+            self.faults_path.write_text(json.dumps(faults))
+        self.flash = Flash(self.path, self.config.flash, time_scale=0, faults=self.faults_path)
+        self.layout = self.flash.layout
+        self.hal = InProcessHal(self.flash, booted)
+        self.module = module
+        self.reports: list[tuple[str, dict]] = []
+
+    def close(self) -> None:
+        self.flash.close()
+
+    def raw(self) -> bytes:
+        return self.path.read_bytes()  # the stored bytes (no read fault applied)
+
+    def slot_raw(self, slot: str) -> bytes:
+        off = self.layout.slot_offset(slot)
+        return self.raw()[off:off + self.layout.slot_size]
+
+    def agent(self, image: bytes):
+        fw = self.module.Firmware(self.hal)
+        agent = self.module.Agent(fw, SETTINGS)
+        agent._download = lambda job_id, doc: image
+        agent._verify = lambda data: type("Verdict", (), {"ok": True, "reason": None, "ca": "lab-root-2025",
+                                                         "manifest": {"firmware_version": "1.6.0"}})()
+        agent._progress = lambda *a: None
+
+        def update(job_id, status, details, **kw):
+            self.reports.append((status, dict(details)))
+            return "accepted", {}
+
+        agent.update = update
+        return agent
+
+    def run_job(self, image: bytes) -> None:
+        doc = {"operation": "ota", "target_version": "1.6.0", "url": f"http://{HOST}/x",
+               "sha256": hashlib.sha256(image).hexdigest(), "size": len(image)}
+        self.agent(image).run_job("job-1", doc)
+
+
+@pytest.fixture
+def unit_cart(tmp_path):
+    carts = []
+
+    def make(**kw) -> UnitCart:
+        workdir = tmp_path / f"c{len(carts)}"
+        workdir.mkdir()
+        c = UnitCart(workdir, **kw)
+        carts.append(c)
+        return c
+
+    yield make
+    for c in carts:
+        c.close()
+
+
+def pages(data: bytes, page: int) -> list[bytes]:
+    return [data[i:i + page] for i in range(0, len(data), page)]
+
+
+def test_update_in_process_erases_writes_reads_back_then_arms_the_trial(unit_cart):
+    """The positive control of the flash-fault tests below: same setup, no fault."""
+    cart = unit_cart()
+    image = factory.build_image("1.6.0")
+    before = cart.raw()
+    with pytest.raises(Reset):
+        cart.run_job(image)
+    assert cart.reports == [("IN_PROGRESS", {"step": "self-test", "target_version": "1.6.0"})]
+    bcb = BootControl(cart.flash).read()
+    assert (bcb.active, bcb.pending, bcb.tries) == ("A", "B", 1)
+    assert cart.slot_raw("A") == before[cart.layout.slot_offset("A"):][:cart.layout.slot_size]
+    n = -(-len(image) // 4096)
+    assert cart.slot_raw("B")[:n * 4096] == image + b"\xff" * (n * 4096 - len(image))
+    assert cart.slot_raw("B")[n * 4096:] == before[cart.layout.slot_offset("B") + n * 4096:][
+        :cart.layout.slot_size - n * 4096]  # only the pages the image needs are erased
+    ev = cart.hal.events()
+    assert ev[:2] == ["EV: verify", f"EV: erase slot=B page=0/{n}"] and ev[-4:] == [
+        "EV: readback slot=B", "EV: set-pending slot=B", "EV: job-report status=IN_PROGRESS", "EV: reset-for-trial"]
+    assert [x for x in ev if x.startswith("EV: write ")][-1] == f"EV: write slot=B page={(n - 1) // 8 * 8}/{n}"
+    assert cart.hal.resets == 1
+
+
+FAULT_PAGE = 10  # within slot B's image pages
+
+
+@pytest.mark.parametrize("kind", ["erase_fail", "program_fail", "bitflip"])
+def test_a_flash_fault_fails_the_job_and_changes_nothing_but_the_inactive_slot(unit_cart, kind):
+    cart = unit_cart()
+    p = cart.layout.slot_first_page("B") + FAULT_PAGE
+    fault = {"bitflip": [{"page": p, "offset": 100, "mask": 4}]} if kind == "bitflip" else {kind: [p]}
+    cart.faults_path.write_text(json.dumps(fault))
+    reason = {"erase_fail": f"erase failed: page {p}", "program_fail": f"write failed: program failed: page {p}",
+              "bitflip": f"write failed: readback mismatch at page {p}"}[kind]
+    image = factory.build_image("1.6.0")
+    before = cart.raw()
+    cart.run_job(image)  # returns: no reset
+    assert cart.reports == [("FAILED", {"reason": reason})]
+    assert cart.hal.resets == 0
+    assert cart.hal.console.lines[-1] == f"OTA: failed job=job-1: {reason}"
+    after = cart.raw()
+    b0, b1 = cart.layout.slot_offset("B"), cart.layout.slot_offset("B") + cart.layout.slot_size
+    assert after[:b0] == before[:b0], "written outside the inactive slot (boot control, slot A)"
+    assert after[b1:] == before[b1:], "written outside the inactive slot (trust store, settings)"
+    a0 = cart.layout.slot_offset("A")
+    assert hashlib.sha256(cart.slot_raw("A")).digest() == hashlib.sha256(before[a0:b0]).digest(), "running slot"
+    assert BootControl(cart.flash).read().pending is None
+    old, new, now = pages(before[b0:b1], 4096), pages(image, 4096), pages(cart.slot_raw("B"), 4096)
+    n, erased = len(new), b"\xff" * 4096
+    if kind == "erase_fail":  # pages before p erased, p partly erased, the rest as they were
+        assert now[:FAULT_PAGE] == [erased] * FAULT_PAGE and now[FAULT_PAGE + 1:] == old[FAULT_PAGE + 1:]
+        assert now[FAULT_PAGE] not in (old[FAULT_PAGE], erased)
+    elif kind == "program_fail":  # all n erased, pages before p programmed, p partly
+        assert now[:FAULT_PAGE] == new[:FAULT_PAGE] and now[FAULT_PAGE + 1:n] == [erased] * (n - FAULT_PAGE - 1)
+        assert now[FAULT_PAGE] != new[FAULT_PAGE] and now[FAULT_PAGE][:1] == new[FAULT_PAGE][:1]
+    else:  # the whole image stored; the part reads one page back wrong
+        assert b"".join(now[:n]).rstrip(b"\xff") == image.rstrip(b"\xff")
+    ev = cart.hal.events()
+    assert not [x for x in ev if x.startswith(("EV: set-pending", "EV: bcb-write", "EV: reset-for-trial"))]
+    assert ev[-1] == f"EV: report-failed reason={reason.split(':')[0].replace(' ', '-')}"
+    assert any(x.startswith("EV: readback") for x in ev) == (kind == "bitflip")
+    assert any(x.startswith("EV: write ") for x in ev) == (kind != "erase_fail")
+
+
+# --- fault builds, in this process: the built payload as a module ---------------------------------
+
+
+def built(faults: dict):
+    """A fault build's payload (what the bootloader would compile and run) as a module."""
+    payload = factory.firmware_payload("1.6.0", faults=faults)
+    module = types.ModuleType("firmware_" + "_".join(sorted(faults)))
+    exec(compile(payload, "<fault build>", "exec"), module.__dict__)
+    assert {k: True for k in faults} == module.FAULTS
+    return module
+
+
+def test_write_running_on_erase_fail_build_overwrites_the_running_slot(unit_cart):
+    """The defect the invariant "the running slot is byte for byte unchanged" must catch: the job
+    ends exactly as the reference's does (same reason, no reset), only the running slot tells."""
+    image = factory.build_image("1.6.0")
+    results = {}
+    for name, module in (("reference", reference), ("fault", built({"write_running_on_erase_fail": True}))):
+        cart = unit_cart(module=module)
+        p = cart.layout.slot_first_page("B") + FAULT_PAGE
+        cart.faults_path.write_text(json.dumps({"erase_fail": [p]}))
+        before_a = cart.slot_raw("A")
+        cart.run_job(image)
+        results[name] = (cart.reports, cart.hal.resets, cart.slot_raw("A") == before_a, cart.slot_raw("A"),
+                         cart.hal.events())
+        assert cart.reports == [("FAILED", {"reason": f"erase failed: page {p}"})]
+        assert BootControl(cart.flash).read().pending is None
+    assert results["reference"][:3] == ([("FAILED", {"reason": results["reference"][0][0][1]["reason"]})], 0, True)
+    reports, resets, a_unchanged, slot_a, ev = results["fault"]
+    assert (reports, resets, a_unchanged) == (results["reference"][0], 0, False)
+    assert slot_a.startswith(image), "the running slot now holds the new image"
+    assert "EV: erase slot=A page=0/49" in ev and "EV: write slot=A page=0/49" in ev
+    assert not [x for x in results["reference"][4] if "slot=A" in x]
+
+
+@pytest.mark.parametrize("bcb", [
+    Bcb(), Bcb(seq=7, active="B", pending="A", tries=1, confirmed=False, boot_count=42, rollback_slot="A",
+               rollback_version="1.6.0-rc.1", rollback_count=3),
+    Bcb(seq=2**32 - 1, active="A", pending=None, tries=255, boot_count=2**32 - 1, rollback_version="x" * 32),
+])
+def test_the_firmware_encodes_boot_control_as_the_bootloader_reads_it(bcb):
+    raw = reference.encode_boot_control(bcb.seq, bcb.active, bcb.pending, bcb.tries, bcb.confirmed, bcb.boot_count,
+                                        bcb.rollback_slot, bcb.rollback_version, bcb.rollback_count)
+    assert raw == encode_bcb(bcb) and len(raw) == 64 and decode_bcb(raw) == bcb
+
+
+def test_bcb_single_copy_build_writes_one_copy_in_place(unit_cart):
+    """Uninterrupted, the fault build's update works: one valid copy (copy 0), copy 1 erased, where the
+    reference leaves two valid copies."""
+    image = factory.build_image("1.6.0")
+    copies = {}
+    for name, module in (("reference", reference), ("fault", built({"bcb_single_copy": True}))):
+        cart = unit_cart(module=module)
+        previous = BootControl(cart.flash).read()
+        with pytest.raises(Reset):
+            cart.run_job(image)
+        copies[name] = BootControl(cart.flash).copies()
+        assert BootControl(cart.flash).read() == replace(previous, seq=previous.seq + 1, pending="B", tries=1)
+        if name == "fault":
+            assert "EV: bcb-write copy=0 seq=2 why=set-pending" in cart.hal.events()
+            assert cart.hal.events().index("EV: set-pending slot=B") < \
+                cart.hal.events().index("EV: bcb-write copy=0 seq=2 why=set-pending")
+            assert cart.raw()[4096:8192] == b"\xff" * 4096
+    assert all(c is not None for c in copies["reference"])
+    assert copies["fault"][0] is not None and copies["fault"][1] is None
+
+
+@pytest.mark.parametrize("build", ["reference", "bcb_single_copy"])
+def test_a_cut_while_boot_control_is_written(unit_cart, build):
+    """A power cut at the start of programming boot control's new copy (set-pending): the reference
+    still has the previous record; the single-copy build has none, so the bootloader would take
+    defaults (active A, nothing pending, confirmed) whatever ran before."""
+    module = reference if build == "reference" else built({"bcb_single_copy": True})
+    cart = unit_cart(module=module)
+    ctl = BootControl(cart.flash)
+    previous = ctl.write(Bcb(active="B", confirmed=True, boot_count=9, rollback_count=2))  # running B, confirmed
+    cart.hal.booted_slot = "B"
+    target = 1 - next(c for c, b in enumerate(ctl.copies()) if b == previous) if build == "reference" else 0
+    cart.hal.flash = CutFlash(cart.flash, ("program", target))
+    cart.hal.bcb = BcbService(BootControl(cart.hal.flash), cart.hal)
+    with pytest.raises(PowerCut):
+        cart.run_job(factory.build_image("1.6.0"))
+    assert cart.hal.events()[-1].startswith("EV: bcb-write" if build != "reference" else "EV: set-pending")
+    assert cart.reports == [] and cart.hal.resets == 0
+    after = BootControl(cart.flash).read_valid()
+    if build == "reference":
+        assert after == previous
+    else:
+        assert after is None, "no valid boot control: the bootloader boots its defaults (slot A)"
+        assert BootControl(cart.flash).read() == Bcb()
+
+
+def test_bcb_single_copy_build_marks_good_itself_and_stops_the_watchdog(unit_cart):
+    module = built({"bcb_single_copy": True})
+    cart = unit_cart(module=module)
+    ctl = BootControl(cart.flash)
+    ctl.write(replace(ctl.read(), pending="B", tries=0, boot_count=5))  # the bootloader's trial-boot write
+    cart.hal.booted_slot, cart.hal.mode = "B", "trial"
+    seq = ctl.read().seq
+    cart.hal.flash = CutFlash(cart.flash)  # counts nothing, cuts nothing: the HAL's own mark_good must not write
+    writes = []
+    cart.hal.flash.write_page = lambda i, d, w=cart.hal.flash.write_page: (writes.append(i), w(i, d))[1]
+    cart.hal.bcb = BcbService(BootControl(cart.hal.flash), cart.hal)
+    fw = module.Firmware(cart.hal)
+    module.confirm_trial(cart.hal, fw.say, fw.ev)
+    assert writes == [0], "one program of copy 0, nothing else"
+    assert ctl.copies()[1] is None and ctl.read() == replace(ctl.read(), seq=seq + 1, active="B", pending=None,
+                                                            tries=0, confirmed=True, boot_count=5)
+    assert cart.hal._confirmed.is_set()
+    assert cart.hal.events() == ["EV: mark-good", f"EV: bcb-write copy=0 seq={seq + 1} why=mark-good"]
+    assert cart.hal.console.lines[-1] == "FW: slot B confirmed"
+
+
+# --- flash faults on a cart process (the rack's fault file) -------------------------------------------
+
+
+def cart_layout():
+    from vrack.flash import Layout
+
+    return Layout(4096, 524288)  # fast_config's geometry
+
+
+@pytest.mark.parametrize("kind", ["erase_fail", "program_fail", "bitflip"])
+def test_flash_faults_on_a_cart_fail_the_update_and_nothing_else_changes(make_lab, kind):
+    lb = make_lab()
+    lb.provision()
+    lb.boot()
+    cart = lb.cart
+    layout = cart_layout()
+    p = layout.slot_first_page("B") + FAULT_PAGE
+    cart.set_faults({"bitflip": [{"page": p, "offset": 100, "mask": 4}]} if kind == "bitflip" else {kind: [p]})
+    reason = {"erase_fail": f"erase failed: page {p}", "program_fail": f"write failed: program failed: page {p}",
+              "bitflip": f"write failed: readback mismatch at page {p}"}[kind]
+    before, bcb_before = cart.slot_hashes(), cart.bcb()
+    image = lb.image("1.6.0")
+    job = lb.job(image, "1.6.0")
+    ex = lb.wait(job)
+    assert (ex["status"], ex["statusDetails"]) == ("FAILED", {"reason": reason}), ex
+    cart.expect(rf"OTA: failed job={job}: {re.escape(reason)}\r\n")
+    after = cart.slot_hashes()
+    assert after["A"] == before["A"], "the running slot changed"
+    slot_b = image + b"\xff" * (layout.slot_size - len(image))
+    if kind == "erase_fail":  # slot B was erased: a partly erased page of it is still erased
+        assert after["B"] == before["B"]
+    elif kind == "bitflip":  # all written; the part reads one byte of page p back flipped
+        i = FAULT_PAGE * 4096 + 100
+        flipped = slot_b[:i] + bytes([slot_b[i] ^ 4]) + slot_b[i + 1:]
+        assert after["B"] == hashlib.sha256(flipped).hexdigest()
+    else:
+        with cart.flash() as f:
+            raw = f.read_slot("B")
+        assert raw[:FAULT_PAGE * 4096] == slot_b[:FAULT_PAGE * 4096] and raw[(FAULT_PAGE + 1) * 4096:] == \
+            b"\xff" * (layout.slot_size - (FAULT_PAGE + 1) * 4096)
+        assert after["B"] != before["B"]
+    assert cart.bcb() == bcb_before, "boot control was written"
+    assert cart.command("slot status")[0].startswith("slot active=A booted=A pending=- tries=0 confirmed=yes")
+    assert cart.seen.count("CART-BL") == 1, "the cart rebooted"
+    assert not [x for x in cart.lines() if x.startswith(("EV: set-pending", "EV: reset-for-trial"))]
+    # the part is healthy again: the same update goes through
+    cart.set_faults(None)
+    again = lb.job(image, "1.6.0")
+    assert lb.wait(again)["status"] == "SUCCEEDED"
+    cart.expect(r"FW: slot B confirmed\r\n", 10)
+
+
+def test_write_running_on_erase_fail_build_on_a_cart_is_caught_by_the_running_slot(make_lab):
+    """The fault build reports exactly what the reference does; the running slot's hash is what
+    catches it (and slot A now holds an image that was never trial-booted)."""
+    lb = make_lab()
+    lb.provision(faults={"write_running_on_erase_fail": True})
+    lb.boot()
+    cart = lb.cart
+    p = cart_layout().slot_first_page("B") + FAULT_PAGE
+    cart.set_faults({"erase_fail": [p]})
+    before, bcb_before = cart.slot_hashes(), cart.bcb()
+    job = lb.job(lb.image("1.6.0"), "1.6.0")
+    ex = lb.wait(job)
+    assert (ex["status"], ex["statusDetails"]) == ("FAILED", {"reason": f"erase failed: page {p}"}), ex
+    after = cart.slot_hashes()
+    assert after["B"] == before["B"] and after["A"] != before["A"], "the running slot must have been overwritten"
+    assert cart.bcb() == bcb_before and cart.seen.count("CART-BL") == 1
+    status = cart.command("slot status")
+    assert status[1:] == ["slot A fw=1.6.0 valid=yes", "slot B fw=- valid=no"]
+    in_order(cart.lines(), [r"EV: erase slot=B page=8/\d+ t=\d+", r"EV: erase slot=A page=0/\d+ t=\d+",
+                            r"EV: write slot=A page=0/\d+ t=\d+", r"EV: report-failed reason=erase-failed t=\d+"])
+
+
+def test_bcb_single_copy_build_cut_while_marking_good_leaves_no_boot_control(make_lab, telemetry):
+    """What the sweep catches in this fault build, on a cart process: the trial boot marks itself good
+    by rewriting its single copy in place; power goes while that copy is programmed (after both
+    copy pages were erased). At the next power-on the bootloader finds no boot control, boots its
+    defaults (slot A, normal) and records no rollback: the trial is gone without a trace."""
+    lb = make_lab()
+    lb.provision()
+    cart = lb.cart
+    cart.put_image("B", factory.build_image("1.6.0", faults={"bcb_single_copy": True}))
+    cart.set_pending("B")
+    cart.time_scale = 40  # 100 ms per page erase or program: the cut lands inside the program of copy 0
+    cart.power_on()
+    cart.boot_to_shell("B", "1.6.0", "trial")
+    m = cart.wait_seen(r"^EV: bcb-write copy=0 seq=(\d+) why=mark-good t=\d+\r$", 10)
+    time.sleep(0.15)  # erase of copy 0 (100 ms) done, its program (100 ms) under way
+    cart.power_off()
+    assert "FW: slot B confirmed" not in cart.seen
+    assert cart.bcb() == Bcb(), "boot control should be gone (neither copy valid)"
+    with cart.flash() as f:
+        assert f.read_page(1) == b"\xff" * 4096, "copy 1 erased by the single-copy writer"
+    cart.time_scale = 0.02
+    cart.out = ""
+    cart.power_on()
+    cart.expect(r"BL: bcb blank, using defaults\r\n")
+    cart.boot_to_shell("A", "1.4.2", "normal")
+    cart.expect(r"OTA: rollback record none\r\n", 10)
+    status = cart.command("slot status")
+    assert status[0].startswith("slot active=A booted=A pending=- tries=0 confirmed=yes boots=1 rollbacks=0"), status
+    assert int(m.group(1)) >= 3 and telemetry.rollback_count(thing=lb.thing) == 0

@@ -1,7 +1,7 @@
 """The virtual rack's own command line.
 
     python -m vrack up rigs/virtual.yaml          # run the rack in the foreground until SIGTERM/SIGINT
-    python -m vrack build --version 1.6.0 -o fw.img [--fault crash_on_sensor=lidar-tfmini]
+    python -m vrack build --version 1.6.0 -o fw.img [--fault crash_on_sensor=lidar-tfmini] [--fault bcb_single_copy]
 """
 
 from __future__ import annotations
@@ -21,6 +21,8 @@ def _parse_faults(items: list[str]) -> dict[str, str]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from vrack.factory import KNOWN_FAULTS
+
     ap = argparse.ArgumentParser(prog="python -m vrack", description="the cart-hil virtual rack")
     sub = ap.add_subparsers(dest="cmd", required=True)
     up = sub.add_parser("up", help="bring the rack of a virtual rig up, in the foreground")
@@ -29,7 +31,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="shut the rack down when this process ends (the harness run that started it)")
     b = sub.add_parser("build", help="build a reference-firmware image")
     b.add_argument("--version", required=True)
-    b.add_argument("--fault", action="append", default=[], help="fault build: NAME or NAME=VALUE")
+    b.add_argument("--fault", action="append", default=[],
+                   help="fault build: NAME or NAME=VALUE (repeatable); NAME one of: "
+                        f"{', '.join(KNOWN_FAULTS)} (docs/interfaces.md, \"Fault builds\")")
     b.add_argument("--size", type=int, default=None, help="pad the payload to this many bytes")
     b.add_argument("-o", "--output", type=Path, required=True)
     args = ap.parse_args(argv)

@@ -47,6 +47,8 @@ KNOWN_FAULTS: dict[str, type] = {  # what the reference firmware's fault builds 
     "self_test_fail": bool,
     "no_broker": bool,
     "early_success": bool,
+    "bcb_single_copy": bool,              # boot control written by the firmware as one copy, in place
+    "write_running_on_erase_fail": bool,  # the running slot written when the inactive one fails to erase
 }
 
 

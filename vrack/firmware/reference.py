@@ -11,8 +11,9 @@ library and installed third-party libraries (paho-mqtt, cryptography), never the
 The OTA agent (class Agent) is the contract of docs/interfaces.md, "OTA agent of the reference
 firmware": fleet settings from the settings region, MQTT over TLS to the broker, the AWS IoT
 Jobs MQTT API, download over HTTP with Range resume (only from the image hosts the fleet settings
-list), verification, the inactive slot written page by page, the trial boot reported before it is
-marked good, rollbacks reported.
+list), verification, the inactive slot erased and written page by page and read back, the trial
+boot reported before it is marked good, rollbacks reported. Before each step a power cut can be aimed
+at it prints an event line `EV: <name>[ <key>=<value> ...] t=<time.monotonic_ns()>`.
 
 Fault builds (FAULTS) reproduce field defects on purpose:
   crash_at_boot: true            raise during start-up, before sensors
@@ -25,6 +26,12 @@ Fault builds (FAULTS) reproduce field defects on purpose:
                                  agent never reaches the broker, a trial boot never confirms
   early_success: true            a trial boot starts its agent before sensor init and reports
                                  SUCCEEDED as soon as it connects (before the self-test)
+  bcb_single_copy: true          the firmware writes boot control itself (set-pending, mark-good)
+                                 as ONE copy in place: both copy pages erased, copy 0 programmed;
+                                 a power cut in that write leaves no valid boot control
+  write_running_on_erase_fail: true   when a page of the inactive slot fails to erase, the agent
+                                 writes the image over the running slot instead (and reports the
+                                 erase failure as the reference does)
 """
 
 import hashlib
@@ -83,6 +90,9 @@ SHA256_HEX_RE = re.compile(r"[0-9a-fA-F]{64}")
 ROLLBACK_METRIC = "firmware_rollback_count"
 ONLINE_METRIC = "agent_online"
 TERMINAL = ("SUCCEEDED", "FAILED", "REJECTED", "REMOVED", "CANCELED", "TIMED_OUT")
+EV_GROUP_PAGES = 8               # an erase/write event line before each group of this many pages
+EV_VALUE_RE = re.compile(r"[^\x21-\x7e]")  # an event line's values are single printable words
+BCB_PAGES = (0, 1)               # boot control: copy 0 at page 0, copy 1 at page 1 (docs/flash-layout.md)
 ENDED_CODES = ("InvalidStateTransition", "TerminalStateReached", "ResourceNotFound")
 
 
@@ -113,6 +123,14 @@ class Firmware:
             else:
                 self.console.write_line(line)
 
+    def ev(self, name, reprompt=True, **detail):
+        """The event line of a step, printed BEFORE the step's work starts (a power cut can be aimed
+        at it): `EV: <name>[ <key>=<value> ...] t=<time.monotonic_ns()>`, the stamp taken right before
+        the line is written."""
+        words = "".join(f" {key}={EV_VALUE_RE.sub('-', str(value)) or '-'}" for key, value in detail.items())
+        with self.out_lock:
+            self.say(f"EV: {name}{words} t={time.monotonic_ns()}", reprompt)
+
     # --- boot --------------------------------------------------------------------------------
 
     def run(self):
@@ -126,6 +144,7 @@ class Firmware:
             self.agent.trial_reported.wait(EARLY_REPORT_WAIT_S)
         for sensor in hal.sensors:
             self.init_sensor(sensor)
+        self.ev("self-test")
         failure = self.self_test()
         if failure:
             self.say(f"FW: self-test failed: {failure}")
@@ -136,7 +155,7 @@ class Firmware:
             self.say("FW: self-test ok")
             if hal.mode == "trial":
                 if self.settings is None:
-                    confirm_trial(hal, self.say)  # nothing to phone home to
+                    confirm_trial(hal, self.say, self.ev)  # nothing to phone home to
                 else:
                     self.trial_step(self_test=True, from_main=True)
         if self.settings is None:
@@ -162,7 +181,7 @@ class Firmware:
             if go:
                 t["done"] = True
         if go:
-            confirm_trial(self.hal, self.say)
+            confirm_trial(self.hal, self.say, self.ev)
             if from_main and self.agent is not None:
                 self.agent.kick()
 
@@ -314,14 +333,60 @@ class Firmware:
         return flash.read(flash.layout.slot_offset(slot), flash.slot_size)
 
 
-def confirm_trial(hal, say=None):
+def confirm_trial(hal, say, ev):
     """Mark the trial slot good: the one place the firmware confirms an update."""
     if FAULTS.get("never_mark_good"):
         return
-    say = say or hal.console.write_line
     say(f"FW: marking slot {hal.booted_slot} good")
-    hal.bcb.mark_good()
+    ev("mark-good")
+    if FAULTS.get("bcb_single_copy"):
+        slot = hal.booted_slot
+        write_boot_control(hal, ev, "mark-good", active=slot, pending=None, tries=0, confirmed=True)
+        hal.bcb.mark_good()  # finds nothing left to change (no write): only stops the trial watchdog
+    else:
+        hal.bcb.mark_good()
     say(f"FW: slot {hal.booted_slot} confirmed")
+
+
+# --- boot control written by the firmware itself: the bcb_single_copy fault build only -----------
+# The reference firmware changes boot control only through hal.bcb (two copies, sequence numbers,
+# the write always into the other copy). This writer is the defect of the fault build: ONE copy,
+# rewritten in place, so a power cut while it is written leaves no valid boot control at all.
+
+BCB_MAGIC = b"CBCB"
+BCB_BODY = struct.Struct("<4sHHIBBBBIBB2x32sI")  # docs/flash-layout.md: 60 bytes, then CRC-32 of them
+BCB_NO_SLOT = 0xFF
+
+
+def encode_boot_control(seq, active, pending, tries, confirmed, boot_count, rollback_slot, rollback_version,
+                        rollback_count):
+    """One 64-byte BCB copy (layout version 1), this firmware's own encoder."""
+    import zlib
+
+    def code(slot):
+        return BCB_NO_SLOT if slot is None else "AB".index(slot)
+
+    body = BCB_BODY.pack(BCB_MAGIC, 1, BCB_BODY.size + 4, seq & 0xFFFFFFFF, code(active), code(pending), tries,
+                         int(bool(confirmed)), boot_count & 0xFFFFFFFF, code(rollback_slot), 0,
+                         rollback_version.encode("ascii")[:32], rollback_count & 0xFFFFFFFF)
+    return body + struct.pack("<I", zlib.crc32(body))
+
+
+def write_boot_control(hal, ev, why, **changes):
+    """The bcb_single_copy defect: the current BCB with `changes`, seq + 1, written as a single copy in
+    place: erase copy 1, then (event line) erase copy 0 and program the one copy there."""
+    cur = hal.bcb.read()
+    fields = {"active": cur.active, "pending": cur.pending, "tries": cur.tries, "confirmed": cur.confirmed,
+              "boot_count": cur.boot_count, "rollback_slot": cur.rollback_slot,
+              "rollback_version": cur.rollback_version, "rollback_count": cur.rollback_count}
+    fields.update(changes)
+    seq = cur.seq + 1
+    raw = encode_boot_control(seq, **fields)
+    flash = hal.flash
+    flash.erase_page(BCB_PAGES[1])
+    ev("bcb-write", copy=0, seq=seq, why=why)
+    flash.erase_page(BCB_PAGES[0])
+    flash.write_page(BCB_PAGES[0], raw)
 
 
 def check_build_checksum(payload):
@@ -493,6 +558,19 @@ def describe(exc):
     return clean_text(f"{type(exc).__name__}: {text}" if text else type(exc).__name__, 200)
 
 
+def fault_page(exc, default):
+    """The flash page a hal.FlashFault names (absolute page index), else the page that was being written."""
+    page = getattr(exc, "page", None)
+    return page if type(page) is int and page >= 0 else default
+
+
+def reason_word(reason):
+    """A failure reason as one word for an event line: its head before the first ':', e.g.
+    "erase failed: page 7" -> "erase-failed", "rolled back" -> "rolled-back"."""
+    head = re.sub(r"[^a-z0-9]+", "-", str(reason).split(":", 1)[0].lower()).strip("-")
+    return head[:40] or "unknown"
+
+
 # --- the device-side verifier, linked in as source ---------------------------------------------
 
 _VERIFIER = []
@@ -548,6 +626,7 @@ class Agent:
         self.fw = fw
         self.hal = fw.hal
         self.say = fw.say
+        self.ev = fw.ev
         self.thing = settings["thing"]
         self.endpoint = endpoint_of(settings, ENDPOINT_KEY)
         self.image_hosts = image_hosts_of(settings)
@@ -818,6 +897,7 @@ class Agent:
             self.record_said = True
             self.say(f"OTA: rollback record slot={bcb.rollback_slot or '-'} fw={version or '-'}")
         if self.rollback_info is None:  # once per boot: an unacknowledged one is resent by paho
+            self.ev("metric-publish", target=version or "-")
             self.rollback_info = self.publish_metric({"metric": ROLLBACK_METRIC, "target_version": version,
                                                       "value": 1, "boot_id": self.boot_id})
             if self.rollback_info is None:
@@ -843,6 +923,7 @@ class Agent:
         doc = ex.get("jobDocument")
         if not isinstance(doc, dict) or doc.get("target_version") != version:
             return
+        self.ev("report-failed", reason=reason_word("rolled back"))
         outcome, _ = self.update(job_id, "FAILED", {"reason": "rolled back", "rolled_back_version": version,
                                                     "version": FW_VERSION})
         if outcome == "accepted":
@@ -864,6 +945,7 @@ class Agent:
             if FAULTS.get("never_mark_good") and not FAULTS.get("early_success"):
                 self.trial_done = True  # the defect: it never reports, so it never confirms
                 return True
+            self.ev("report-succeeded")
             while True:
                 outcome, reply = self.update(job_id, "SUCCEEDED", {"step": "done", "version": FW_VERSION}, tries=1)
                 if outcome is not None:
@@ -935,6 +1017,10 @@ class Agent:
         if status is None:
             self.say(f"OTA: job {job_id} ended by the service: {reason[:200]}")
             return
+        if status == "FAILED":
+            self.ev("report-failed", reason=reason_word(reason))
+        else:
+            self.ev("job-report", status=status)
         self.update(job_id, status, {"reason": reason})
         word = "rejected" if status == "REJECTED" else "failed"
         self.say(f"OTA: {word} job={job_id}: {reason[:200]}")
@@ -964,6 +1050,7 @@ class Agent:
         image = self._download(job_id, doc)
         self.state = "verifying"
         self._progress(job_id, "verify", "0%")
+        self.ev("verify")
         verdict = self._verify(image)
         if not verdict.ok:
             raise JobEnd("REJECTED", verdict.reason)
@@ -973,13 +1060,19 @@ class Agent:
         self.state = "writing"
         self._progress(job_id, "write", "0%")
         slot = self._write(image)
+        self.ev("set-pending", slot=slot)
         try:
-            hal.bcb.set_pending(slot, tries=1)
+            if FAULTS.get("bcb_single_copy"):
+                write_boot_control(hal, self.ev, "set-pending", pending=slot, tries=1)
+            else:
+                hal.bcb.set_pending(slot, tries=1)
         except Exception as exc:
             raise JobEnd("FAILED", f"write failed: {describe(exc)}") from None
+        self.ev("job-report", status="IN_PROGRESS")
         self.update(job_id, "IN_PROGRESS", {"step": "self-test", "target_version": version})
         self.state = "rebooting"
         self.say(f"OTA: trial armed slot={slot} fw={version}, rebooting", reprompt=False)
+        self.ev("reset-for-trial", reprompt=False)
         hal.reset()
 
     def _verify(self, image):
@@ -992,25 +1085,66 @@ class Agent:
             running_version=FW_VERSION, now=int(hal.clock.now().timestamp()), security_counter=0)
 
     def _write(self, image):
-        """The image into the inactive slot, page by page, read back; returns the slot."""
+        """The image into the inactive slot: its pages erased, programmed, read back; returns the slot.
+        JobEnd FAILED on a flash fault. Nothing outside the inactive slot is touched (except by the
+        write_running_on_erase_fail fault build)."""
+        hal = self.hal
+        slot = "B" if hal.booted_slot == "A" else "A"
+        n = -(-len(image) // hal.flash.page_size)
+        try:
+            self._erase_slot(slot, n)
+        except JobEnd as failed:
+            if not FAULTS.get("write_running_on_erase_fail"):
+                raise
+            # the defect: the running slot gets the image instead; the job says what the reference says
+            running = hal.booted_slot
+            self._erase_slot(running, n)
+            self._program_slot(running, image)
+            raise failed from None
+        return self._program_slot(slot, image)
+
+    def _erase_slot(self, slot, n):
+        """Erase the first n pages of `slot`, page by page (an event line before each group)."""
+        hal = self.hal
+        first = hal.flash.layout.slot_first_page(slot)
+        for i in range(n):
+            if i % EV_GROUP_PAGES == 0:
+                self.ev("erase", slot=slot, page=f"{i}/{n}")
+            try:
+                hal.flash.erase_page(first + i)
+            except hal.FlashFault as exc:
+                raise JobEnd("FAILED", f"erase failed: page {fault_page(exc, first + i)}") from None
+            except Exception as exc:
+                raise JobEnd("FAILED", f"erase failed: page {first + i}: {describe(exc)}") from None
+
+    def _program_slot(self, slot, image):
+        """Program the image into the erased pages of `slot`, page by page, and read it back."""
         hal = self.hal
         flash = hal.flash
-        slot = "B" if hal.booted_slot == "A" else "A"
         page = flash.page_size
         first = flash.layout.slot_first_page(slot)
         n = -(-len(image) // page)
         marks = {-(-n * k // 10) for k in range(1, 11)}
-        try:
-            for i in range(n):
+        for i in range(n):
+            if i % EV_GROUP_PAGES == 0:
+                self.ev("write", slot=slot, page=f"{i}/{n}")
+            try:
                 flash.write_page(first + i, bytes(image[i * page:(i + 1) * page]))
-                if i + 1 in marks:
-                    self.say(f"OTA: write {i + 1}/{n} pages slot={slot}")
+            except hal.FlashFault as exc:
+                raise JobEnd("FAILED", f"write failed: program failed: page {fault_page(exc, first + i)}") from None
+            except Exception as exc:
+                raise JobEnd("FAILED", f"write failed: {describe(exc)}") from None
+            if i + 1 in marks:
+                self.say(f"OTA: write {i + 1}/{n} pages slot={slot}")
+        self.ev("readback", slot=slot)
+        try:
             readback = flash.read(flash.layout.slot_offset(slot), len(image))
         except Exception as exc:
             raise JobEnd("FAILED", f"write failed: {describe(exc)}") from None
+        for i in range(n):
+            if readback[i * page:(i + 1) * page] != image[i * page:(i + 1) * page]:
+                raise JobEnd("FAILED", f"write failed: readback mismatch at page {first + i}")
         digest = hashlib.sha256(readback).hexdigest()
-        if digest != hashlib.sha256(image).hexdigest():
-            raise JobEnd("FAILED", "write failed: readback mismatch")
         self.say(f"OTA: write done slot={slot} sha256={digest}")
         return slot
 
@@ -1077,6 +1211,7 @@ class Agent:
         import urllib.request
 
         headers = {"Range": f"bytes={len(buf)}-"} if buf else {}
+        self.ev("download", off=len(buf))
         try:
             resp = opener.open(urllib.request.Request(url, headers=headers),
                                timeout=DOWNLOAD_READ_TIMEOUT_S)
@@ -1108,6 +1243,8 @@ class Agent:
                     self.say(f"OTA: download {len(buf)}/{size}")
                     if half:
                         self._progress(job_id, "download", "50%")
+                    if len(buf) < size:
+                        self.ev("download", off=len(buf))  # the next block group
 
     def _fresh_url(self, job_id):
         outcome, reply = self.request_retry(f"{job_id}/get", {"includeJobDocument": True}, tries=2)
