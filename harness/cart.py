@@ -85,7 +85,7 @@ class Bench:
         if name not in self._supplies:
             spec = self.rig.supply(name)
             self._supplies[name] = open_supply(spec.name, spec.resource, spec.dialect, spec.channels,
-                                               timeout_ms=spec.timeout_ms)
+                                               timeout_ms=spec.timeout_ms, model=spec.model)
         return self._supplies[name]
 
     def cart(self, cart_id: str) -> Cart:

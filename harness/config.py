@@ -28,7 +28,7 @@ import unicodedata
 from collections.abc import Callable, Iterable
 from functools import cached_property
 from pathlib import Path
-from typing import Annotated, Any, ClassVar, Literal
+from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal
 
 import yaml
 from pydantic import (
@@ -40,6 +40,9 @@ from pydantic import (
     field_validator,
     model_validator,
 )
+
+if TYPE_CHECKING:
+    from harness.power.ratings import ModelRatings
 
 # ---------------------------------------------------------------- bounds (shared with vrack/cartconfig.py)
 
@@ -445,6 +448,7 @@ class VirtualSpec(_Strict):
     run_dir: Path
     flash_time_scale: float = Field(gt=0, le=10)
     pki: Path | None = None  # the lab PKI whose root certificates the rack's factory provisions
+    supply_rx_log: Path | None = None  # the supplies log every received line here (cut latency, harness/bench.py)
 
 
 #: what the harness formats recovery file names and the recovery command with (harness/recovery.py)
@@ -888,6 +892,40 @@ def _check_addresses(path: Path, data: dict, spec: RigSpec) -> None:
                 raise _fail(path, data, ("image_host", "port"), f"{ih.port} is {who} port")
 
 
+def _check_models(path: Path, data: dict, spec: RigSpec) -> dict[str, ModelRatings]:
+    """Every supply is a model whose channel ratings the harness knows (harness/power/ratings.py),
+    spoken to in its own dialect, with no more channels than it has outputs."""
+    from harness.power.ratings import RATINGS, ratings_for
+
+    found = {}
+    for i, s in enumerate(spec.supplies):
+        r = ratings_for(s.model)
+        if r is None:
+            raise _fail(path, data, ("supplies", i, "model"),
+                        f"{s.model!r}: no channel ratings known for this model (known: {', '.join(RATINGS)}; "
+                        "add its data-sheet ratings to harness/power/ratings.py)")
+        if r.dialect != s.dialect:
+            raise _fail(path, data, ("supplies", i, "dialect"), f"{s.dialect} does not speak to a {r.model} "
+                        f"(its dialect is {r.dialect})")
+        if s.channels > len(r.channels):
+            raise _fail(path, data, ("supplies", i, "channels"), f"{s.channels}, but a {r.model} has "
+                        f"{len(r.channels)} outputs")
+        found[s.name] = r
+    return found
+
+
+def _check_rating(label: str, cart: CartConfig, sup: SupplySpec, channel: int, ratings: ModelRatings) -> None:
+    """The cart's nominal voltage and current limit within the rating of the channel that powers it
+    (a supply refuses a setting above it). max_voltage is the cart's own limit, never sent as a setting."""
+    rated = ratings.channel(channel)
+    where = f"{sup.name} ({ratings.model}) channel {channel} rating"
+    if cart.supply.voltage > rated.volts:
+        raise ConfigError(f"{label} supply.voltage: {cart.supply.voltage:g} V exceeds {where} {rated.volts:g} V")
+    if cart.supply.current_limit > rated.amps:
+        raise ConfigError(f"{label} supply.current_limit: {cart.supply.current_limit:g} A exceeds {where} "
+                          f"{rated.amps:g} A")
+
+
 class Rig:
     """A validated rack description. `Rig.load(path)` raises ConfigError with a one-line reason."""
 
@@ -963,6 +1001,7 @@ class Rig:
         if dup:
             raise ConfigError(f"{path}: supplies: name {sorted(dup)[0]!r} is used twice")
         _check_addresses(path, data, spec)
+        ratings = _check_models(path, data, spec)
         supplies = {s.name: s for s in spec.supplies}
         seen_slot: set[int] = set()
         seen_channel: dict[tuple[str, int], int] = {}
@@ -1003,6 +1042,7 @@ class Rig:
                 profiles[fam] = load_profile(prof_file)
             if spec.recovery.method == "command" and "{probe}" in (spec.recovery.command or "") and not s.probe:
                 raise ConfigError(f"{label} probe: missing (the recovery command needs {{probe}})")
+            _check_rating(label, cart, sup, s.channel, ratings[sup.name])
             slots.append(Slot(s, cart, profiles[fam], sup, _resolve_url(base, s.console)))
         _check_recovery_files(path, spec, slots)
         return cls(path.resolve(), spec, sorted(slots, key=lambda x: x.number))

@@ -26,7 +26,7 @@ def free_ports(n: int) -> list[int]:
 def write_rig(tmp_path: Path, carts: list[str], **overrides) -> Path:
     """A virtual rig of a few slots on free loopback ports, its run dir under tmp_path.
 
-    Slots alternate between a Keysight and a Rigol supply (two channels each)."""
+    Slots alternate between an R&S NGP804 and a Rigol DP832 supply (channels rated for every cart)."""
     ports = free_ports(3)
     run = tmp_path / "run"
     rig = {
@@ -35,8 +35,8 @@ def write_rig(tmp_path: Path, carts: list[str], **overrides) -> Path:
         "broker": {"host": "127.0.0.1", "port": ports[2], "ca": str(run / "broker/ca.pem"),
                    "cert": str(run / "broker/harness.pem"), "key": str(run / "broker/harness.key")},
         "supplies": [
-            {"name": "psu-k", "resource": f"TCPIP0::127.0.0.1::{ports[0]}::SOCKET", "dialect": "keysight-e36312a",
-             "model": "E36313A", "channels": 3, "timeout_ms": 500},
+            {"name": "psu-k", "resource": f"TCPIP0::127.0.0.1::{ports[0]}::SOCKET", "dialect": "rs-ngx",
+             "model": "NGP804", "channels": 4, "timeout_ms": 500},  # 32 V channels: every cart's voltage
             {"name": "psu-r", "resource": f"TCPIP0::127.0.0.1::{ports[1]}::SOCKET", "dialect": "rigol-dp800",
              "model": "DP832", "channels": 3, "timeout_ms": 500},
         ],

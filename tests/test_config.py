@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -146,3 +149,97 @@ def test_selection_by_id_and_tag():
     assert {s.cart_id for s in rig.select(tags=["rev-d"])} == {"cart-06", "cart-07", "cart-08"}
     with pytest.raises(ConfigError):
         rig.select(["cart-42"])
+
+
+# ---------------------------------------------------------------- channel ratings (hil rig check)
+def _refusal(tmp_path, mutate) -> tuple[Path, str]:
+    data = dict(_rig_data(), configs=str(ROOT / "configs"))
+    mutate(data)
+    p = tmp_path / "bad.yaml"
+    p.write_text(yaml.safe_dump(data, sort_keys=False))
+    with pytest.raises(ConfigError) as ei:
+        Rig.load(p)
+    return p, str(ei.value)
+
+
+def _move(slot: int, supply: str, channel: int):
+    def mutate(d):
+        d["slots"][slot - 1]["supply"], d["slots"][slot - 1]["channel"] = supply, channel
+    return mutate
+
+
+def test_cart_voltage_above_the_channel_rating_is_refused(tmp_path):
+    p, msg = _refusal(tmp_path, _move(2, "psu-a", 1))  # cart-02 is a 12 V cart; E36313A channel 1 gives 6 V
+    assert msg == f"{p}: slot 2 (cart-02): supply.voltage: 12 V exceeds psu-a (E36313A) channel 1 rating 6 V"
+    p, msg = _refusal(tmp_path, _move(5, "psu-b", 3))  # a 24 V cart on the DP832's 5 V channel
+    assert msg == f"{p}: slot 5 (cart-05): supply.voltage: 24 V exceeds psu-b (DP832) channel 3 rating 5 V"
+
+
+def test_cart_current_limit_above_the_channel_rating_is_refused(tmp_path):
+    def swap(d):  # cart-06 (24 V, 2.5 A) onto the E36313A's 25 V / 2 A channel 2, cart-02 onto its channel
+        d["slots"][1]["cart"], d["slots"][5]["cart"] = "cart-06", "cart-02"
+
+    p, msg = _refusal(tmp_path, swap)
+    assert msg == (f"{p}: slot 2 (cart-06): supply.current_limit: 2.5 A exceeds psu-a (E36313A) channel 2 "
+                   "rating 2 A")
+
+
+def test_max_voltage_is_the_carts_limit_not_a_setting(tmp_path):
+    """max_voltage caps what the harness may ask for (ChannelPower); only the nominal voltage is set,
+    so a cart allowed 26 V still fits the 25 V channel that gives it its 12 V."""
+    configs = tmp_path / "configs"
+    shutil.copytree(ROOT / "configs", configs)
+    cart = configs / "carts/cart-02.yaml"
+    cart.write_text(cart.read_text().replace("max_voltage: 13.2", "max_voltage: 26.0"))
+    data = dict(_rig_data(), configs=str(configs))
+    slot = Rig.load(_write(tmp_path, data)).slot_for("cart-02")
+    assert (slot.supply.model, slot.channel, slot.cart.supply.max_voltage) == ("E36313A", 2, 26.0)
+
+
+def _write(tmp_path, data) -> Path:
+    p = tmp_path / "rig.yaml"
+    p.write_text(yaml.safe_dump(data, sort_keys=False))
+    return p
+
+
+def test_every_slot_of_the_shipped_rigs_is_within_its_channel_rating():
+    from harness.power.ratings import ratings_for
+
+    for name in ("virtual", "lab-example"):
+        rig = Rig.load(ROOT / f"rigs/{name}.yaml")
+        for s in rig.slots:
+            rated = ratings_for(s.supply.model).channel(s.channel)
+            assert s.cart.supply.voltage <= rated.volts and s.cart.supply.current_limit <= rated.amps, (name, s)
+    assert len(Rig.load(ROOT / "rigs/virtual.yaml").slots) == 10
+
+
+def test_unknown_supply_model_is_refused(tmp_path):
+    p, msg = _refusal(tmp_path, lambda d: d["supplies"][0].__setitem__("model", "E36999Z"))
+    assert msg.startswith(f"{p}: supply psu-a: model: 'E36999Z': no channel ratings known for this model (known: ")
+    assert "E36313A" in msg and "harness/power/ratings.py" in msg
+
+
+def test_model_spelled_in_lower_case_is_known(tmp_path):
+    data = dict(_rig_data(), configs=str(ROOT / "configs"))
+    data["supplies"][0]["model"] = "e36313a"
+    assert len(Rig.load(_write(tmp_path, data)).slots) == 10
+
+
+def test_model_and_dialect_must_agree(tmp_path):
+    p, msg = _refusal(tmp_path, lambda d: d["supplies"][1].__setitem__("dialect", "keysight-e36312a"))
+    assert msg == f"{p}: supply psu-b: dialect: keysight-e36312a does not speak to a DP832 (its dialect is rigol-dp800)"
+
+
+def test_more_channels_than_the_model_has_outputs(tmp_path):
+    p, msg = _refusal(tmp_path, lambda d: d["supplies"][3].__setitem__("channels", 4))
+    assert msg == f"{p}: supply psu-d: channels: 4, but a SPD3303X has 3 outputs"
+
+
+def test_hil_rig_check_prints_the_rating_refusal(tmp_path):
+    data = dict(_rig_data(), configs=str(ROOT / "configs"))
+    _move(2, "psu-a", 1)(data)
+    p = _write(tmp_path, data)
+    hil = Path(sys.executable).parent / "hil"
+    res = subprocess.run([str(hil), "rig", "check", str(p)], capture_output=True, text=True, timeout=60)
+    assert res.returncode == 2
+    assert f"{p}: slot 2 (cart-02): supply.voltage: 12 V exceeds psu-a (E36313A) channel 1 rating 6 V" in res.stderr

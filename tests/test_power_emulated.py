@@ -12,11 +12,13 @@ import time
 
 import pytest
 
+import vrack.psu
 from harness.power import DIALECTS, ChannelPower, ScpiSupply, SupplyError, open_supply
+from harness.power.ratings import RATINGS
 from vrack.psu import EmulatedSupply
 
 MODELS = {
-    "keysight-e36312a": "E36312A",
+    "keysight-e36312a": "E36313A",  # channel 2: 25 V / 2 A (an E36312A's is 25 V / 1 A)
     "rigol-dp800": "DP832",
     "rs-ngx": "NGE103B",
     "rs-hmc": "HMC8043",
@@ -49,15 +51,15 @@ class Rack:
         self.supplies: list[ScpiSupply] = []
         self.events: list[tuple[int, bool]] = []
 
-    def emulator(self, dialect: str, channels: int = 3, port: int = 0) -> EmulatedSupply:
-        emu = EmulatedSupply(f"psu-{dialect}", dialect, MODELS[dialect], channels, port,
+    def emulator(self, dialect: str, channels: int = 3, port: int = 0, model: str | None = None) -> EmulatedSupply:
+        emu = EmulatedSupply(f"psu-{dialect}", dialect, model or MODELS[dialect], channels, port,
                              on_output=lambda ch, on: self.events.append((ch, on)), draw=DRAW.__getitem__)
         emu.start()
         self.emulators.append(emu)
         return emu
 
-    def supply(self, emu: EmulatedSupply, timeout_ms: int = 1000) -> ScpiSupply:
-        supply = open_supply(emu.name, emu.resource, emu.dialect, emu._n, timeout_ms=timeout_ms)
+    def supply(self, emu: EmulatedSupply, timeout_ms: int = 1000, model: str | None = None) -> ScpiSupply:
+        supply = open_supply(emu.name, emu.resource, emu.dialect, emu._n, timeout_ms=timeout_ms, model=model)
         self.supplies.append(supply)
         return supply
 
@@ -311,3 +313,136 @@ def test_query_latency_well_under_a_millisecond(rack):
         supply.query("*IDN?")
         samples.append(time.perf_counter() - started)
     assert statistics.median(samples) < 0.001
+
+
+# ----------------------------------------------------------------- supplies that say when they refuse
+def test_both_rating_tables_agree():
+    """vrack and the harness may not import each other: each keeps its own table, held equal here."""
+    harness_side = {model: tuple((c.volts, c.amps) for c in r.channels) for model, r in RATINGS.items()}
+    assert harness_side == vrack.psu.RATINGS
+    assert all(r.dialect in DIALECTS and r.source for r in RATINGS.values())
+    assert set(MODELS.values()) <= set(RATINGS)  # the emulators below are rated models
+
+
+# (dialect, a setting within the channel's rating, the same setting above it, its read-back and what it
+#  must still read, the error query, the vendor's error, the empty queue)
+OVER_RATING = [
+    ("keysight-e36312a", ["VOLT 5,(@1)"], "VOLT 12,(@1)", "VOLT? (@1)", "+5.00000000E+00",  # E36313A ch1: 6 V
+     "SYST:ERR?", '-222,"Data out of range"', '0,"No error"'),
+    ("rigol-dp800", [":SOUR3:VOLT 4"], ":SOUR3:VOLT 12", ":SOUR3:VOLT?", "4.0000",  # DP832 CH3: 5 V
+     ":SYST:ERR?", '-222,"Data out of range"', '0,"No error"'),
+    ("rs-ngx", ["INST:NSEL 2", "CURR 5"], "CURR 25", "CURR?", "5.0000",  # NGP804: 20 A
+     "SYST:ERR?", '-222,"Data out of range"', '0,"No error"'),
+    ("rs-hmc", ["INST:NSEL 2", "VOLT 5"], "VOLT 33", "VOLT?", "5.0000",  # HMC8043: 32 V
+     "SYST:ERR?", '-222,"Data out of range"', '0,"No error"'),
+    ("siglent-spd", ["CH2:CURR 3"], "CH2:CURR 3.3", "CH2:CURR?", "3.000",  # SPD3303X CH2: 3.2 A
+     "SYST:ERR?", '-222,"Data out of range"', '0,"No error"'),
+    ("aimtti", ["V1 5"], "V1 36", "V1?", "V1 5.000",  # QL355TP output 1: 35 V
+     "EER?", "100", "0"),
+]
+
+
+@pytest.mark.parametrize(("dialect", "setup", "refused", "readback", "still", "error_query", "error", "empty"),
+                         OVER_RATING, ids=[o[0] for o in OVER_RATING])
+def test_emulator_refuses_above_the_rating_quietly(rack, dialect, setup, refused, readback, still, error_query,
+                                                   error, empty):
+    ngp = dialect == "rs-ngx"  # the NGP804 of the virtual rig: 20 A per channel
+    emu = rack.emulator(dialect, channels=4 if ngp else 3, model="NGP804" if ngp else None)
+    pause = 0.03 if dialect == "siglent-spd" else 0.0
+    assert ask(emu, *setup, error_query, pause=pause) == [empty]
+    # no reply to the setting itself: the refusal is only in the queue, and the setting is unchanged
+    assert ask(emu, refused, readback, error_query, error_query, pause=pause) == [still, error, empty]
+
+
+def test_emulator_keysight_channel_list_is_refused_whole(rack):
+    emu = rack.emulator("keysight-e36312a")
+    ask(emu, "VOLT 5,(@1:3)", "VOLT 12,(@1:3)")  # 12 V is fine on channels 2 and 3, not on channel 1
+    assert [emu.channel(ch)["voltage"] for ch in (1, 2, 3)] == [5.0, 5.0, 5.0]
+    assert ask(emu, "SYST:ERR?", "VOLT MAX,(@1:3)", "VOLT? (@1:3)", "CURR MAX,(@1)", "CURR? (@1)") == [
+        '-222,"Data out of range"', "+6.00000000E+00,+2.50000000E+01,+2.50000000E+01", "+1.00000000E+01"]
+
+
+def test_emulator_rigol_apply_is_refused_whole(rack):
+    emu = rack.emulator("rigol-dp800")
+    assert ask(emu, ":APPL CH1,12,5", ":SYST:ERR?", ":SOUR1:VOLT?") == ['-222,"Data out of range"', "0.0000"]
+    assert emu.channel(1) == {"voltage": 0.0, "current_limit": 1.0, "output": False}
+
+
+def test_emulator_aimtti_error_registers(rack):
+    emu = rack.emulator("aimtti")
+    assert ask(emu, "I2 6", "*ESR?", "EER?", "EER?", "I2?") == ["16", "100", "0", "I2 1.000"]
+    assert ask(emu, "V2 99", "*CLS", "EER?", "QER?") == ["0", "0"]  # *CLS clears it too
+
+
+def test_emulator_model_without_data_sheet_has_generic_limits(rack):
+    emu = rack.emulator("keysight-e36312a", model="E9999Z")
+    assert ask(emu, "VOLT 59,(@1)", "VOLT 61,(@1)", "SYST:ERR?", "VOLT? (@1)") == [
+        '-222,"Data out of range"', "+5.90000000E+01"]
+
+
+# dialect -> (channel, volts above its rating, amps above its rating)
+DRIVER_OVER_RATING = {
+    "keysight-e36312a": (1, 12.0, 10.5),   # E36313A channel 1: 6 V / 10 A
+    "rigol-dp800": (3, 12.0, 3.5),         # DP832 CH3: 5 V / 3 A
+    "rs-ngx": (2, 33.0, 3.5),              # NGE103B: 32 V / 3 A
+    "rs-hmc": (2, 33.0, 3.5),              # HMC8043: 32 V / 3 A
+    "siglent-spd": (2, 33.0, 3.3),         # SPD3303X CH2: 32 V / 3.2 A
+    "aimtti": (1, 36.0, 5.5),              # QL355TP output 1: 35 V / 5 A
+}
+VENDOR_ERROR = {dialect: '-222,"Data out of range"' for dialect in DIALECTS} | {
+    "aimtti": "EER? 100 (range error: the numeric value sent is not allowed)"}
+
+
+@pytest.mark.parametrize("dialect", sorted(DIALECTS))
+def test_driver_raises_what_the_supply_refused(rack, dialect):
+    emu = rack.emulator(dialect)
+    supply = rack.supply(emu, model=MODELS[dialect])
+    ch, volts, amps = DRIVER_OVER_RATING[dialect]
+    supply.set_voltage(ch, 5.0)
+    supply.set_current_limit(ch, 0.5)
+    for operation, template, value in (("set_voltage", supply.SET_VOLTAGE, volts),
+                                       ("set_current_limit", supply.SET_CURRENT_LIMIT, amps)):
+        with pytest.raises(SupplyError) as err:
+            getattr(supply, operation)(ch, value)
+        message = str(err.value)
+        command = "; ".join(c.format(ch=ch, value=value) for c in template)
+        for part in (f"supply {emu.name} ({MODELS[dialect]} at {emu.resource})", f"channel {ch}",
+                     repr(command), VENDOR_ERROR[dialect]):
+            assert part in message, (part, message)
+    assert emu.channel(ch) == {"voltage": 5.0, "current_limit": 0.5, "output": False}  # unchanged, as real
+    # the queue was read empty: the next setting is not blamed for the last one's error
+    supply.set_voltage(ch, 4.0)
+    supply.on(ch)
+    assert emu.channel(ch) == {"voltage": 4.0, "current_limit": 0.5, "output": True}
+    assert emu.dropped == 0
+
+
+def test_driver_learns_the_model_from_idn(rack):
+    emu = rack.emulator("rigol-dp800")
+    supply = rack.supply(emu)
+    supply.identify()
+    with pytest.raises(SupplyError, match=r"supply psu-rigol-dp800 \(DP832 at .*\) channel 3: ':SOUR3:VOLT 6.000'"):
+        supply.set_voltage(3, 6.0)
+
+
+def test_cart_view_passes_the_carts_limit_but_not_the_channels_rating(rack):
+    """The cart may take 13.2 V; channel 1 of an E36313A gives 6 V: the supply says no, the cart stays off."""
+    emu = rack.emulator("keysight-e36312a")
+    power = ChannelPower(rack.supply(emu, model="E36313A"), 1, max_voltage=13.2, current_limit=1.5,
+                         label="slot 1 cart-01")
+    with pytest.raises(SupplyError, match=r'channel 1: .*-222,"Data out of range"'):
+        power.set_voltage(12.0)
+    assert emu.channel(1)["voltage"] == 0.0 and rack.events == []
+
+
+def test_a_setting_is_still_one_round_trip(rack):
+    emu = rack.emulator("keysight-e36312a")
+    supply = rack.supply(emu)
+    supply.set_voltage(2, 1.0)
+    samples = []
+    for i in range(300):
+        started = time.perf_counter()
+        supply.set_voltage(2, 1.0 + (i % 10) / 10)
+        samples.append(time.perf_counter() - started)
+    assert statistics.median(samples) < 0.001
+    assert [line for _, line in emu.history][-2:] == ["VOLT 1.900,(@2)", "SYST:ERR?"]

@@ -56,6 +56,10 @@ class RecordingLink:
             return "1"
         if command == "SYST:STAT?":
             return "0x0004"
+        if command in ("SYST:ERR?", ":SYST:ERR?"):
+            return '+0,"No error"'
+        if command == "EER?":
+            return "0"
         raise AssertionError(f"unexpected query {command!r}")
 
     def close(self) -> None:
@@ -77,8 +81,8 @@ TRANSCRIPTS = {
         ("off", (2,), ["OUTP OFF,(@2)", "*OPC?"], {}, None),
         ("is_on", (2,), ["OUTP? (@2)"], {"OUTP? (@2)": "1"}, True),
         ("is_on", (2,), ["OUTP? (@2)"], {"OUTP? (@2)": "0"}, False),
-        ("set_voltage", (2, 12), ["VOLT 12.000,(@2)", "*OPC?"], {}, None),
-        ("set_current_limit", (2, 1.5), ["CURR 1.500,(@2)", "*OPC?"], {}, None),
+        ("set_voltage", (2, 12), ["VOLT 12.000,(@2)", "SYST:ERR?"], {}, None),
+        ("set_current_limit", (2, 1.5), ["CURR 1.500,(@2)", "SYST:ERR?"], {}, None),
         ("voltage_setpoint", (2,), ["VOLT? (@2)"], {"VOLT? (@2)": "+1.20000000E+01"}, 12.0),
         ("current_limit_setpoint", (2,), ["CURR? (@2)"], {"CURR? (@2)": "+1.50000000E+00"}, 1.5),
         ("measure_voltage", (2,), ["MEAS:VOLT? (@2)"], {"MEAS:VOLT? (@2)": "+1.20010000E+01"}, 12.001),
@@ -91,8 +95,8 @@ TRANSCRIPTS = {
         ("off", (2,), [":OUTP CH2,OFF", "*OPC?"], {}, None),
         ("is_on", (2,), [":OUTP? CH2"], {":OUTP? CH2": "ON"}, True),
         ("is_on", (2,), [":OUTP? CH2"], {":OUTP? CH2": "OFF"}, False),
-        ("set_voltage", (2, 12), [":SOUR2:VOLT 12.000", "*OPC?"], {}, None),
-        ("set_current_limit", (2, 1.5), [":SOUR2:CURR 1.500", "*OPC?"], {}, None),
+        ("set_voltage", (2, 12), [":SOUR2:VOLT 12.000", ":SYST:ERR?"], {}, None),
+        ("set_current_limit", (2, 1.5), [":SOUR2:CURR 1.500", ":SYST:ERR?"], {}, None),
         ("voltage_setpoint", (2,), [":SOUR2:VOLT?"], {":SOUR2:VOLT?": "12.0000"}, 12.0),
         ("current_limit_setpoint", (2,), [":SOUR2:CURR?"], {":SOUR2:CURR?": "1.5000"}, 1.5),
         ("measure_voltage", (2,), [":MEAS:VOLT? CH2"], {":MEAS:VOLT? CH2": "12.0010"}, 12.001),
@@ -105,8 +109,8 @@ TRANSCRIPTS = {
         ("off", (2,), ["INST:NSEL 2", "OUTP:SEL OFF", "*OPC?"], {}, None),
         ("is_on", (2,), ["INST:NSEL 2", "OUTP:SEL?", "OUTP:GEN?"], {"OUTP:SEL?": "1", "OUTP:GEN?": "1"}, True),
         ("is_on", (2,), ["INST:NSEL 2", "OUTP:SEL?", "OUTP:GEN?"], {"OUTP:SEL?": "1", "OUTP:GEN?": "0"}, False),
-        ("set_voltage", (2, 12), ["INST:NSEL 2", "VOLT 12.000", "*OPC?"], {}, None),
-        ("set_current_limit", (2, 1.5), ["INST:NSEL 2", "CURR 1.500", "*OPC?"], {}, None),
+        ("set_voltage", (2, 12), ["INST:NSEL 2", "VOLT 12.000", "SYST:ERR?"], {}, None),
+        ("set_current_limit", (2, 1.5), ["INST:NSEL 2", "CURR 1.500", "SYST:ERR?"], {}, None),
         ("voltage_setpoint", (2,), ["INST:NSEL 2", "VOLT?"], {"VOLT?": "12.000"}, 12.0),
         ("current_limit_setpoint", (2,), ["INST:NSEL 2", "CURR?"], {"CURR?": "1.500"}, 1.5),
         ("measure_voltage", (2,), ["INST:NSEL 2", "MEAS:VOLT?"], {"MEAS:VOLT?": "12.001"}, 12.001),
@@ -122,8 +126,8 @@ TRANSCRIPTS = {
          True),
         ("is_on", (2,), ["INST:NSEL 2", "OUTP:CHAN?", "OUTP:MAST?"], {"OUTP:CHAN?": "0", "OUTP:MAST?": "1"},
          False),
-        ("set_voltage", (2, 12), ["INST:NSEL 2", "VOLT 12.000", "*OPC?"], {}, None),
-        ("set_current_limit", (2, 1.5), ["INST:NSEL 2", "CURR 1.500", "*OPC?"], {}, None),
+        ("set_voltage", (2, 12), ["INST:NSEL 2", "VOLT 12.000", "SYST:ERR?"], {}, None),
+        ("set_current_limit", (2, 1.5), ["INST:NSEL 2", "CURR 1.500", "SYST:ERR?"], {}, None),
         ("voltage_setpoint", (2,), ["INST:NSEL 2", "VOLT?"], {"VOLT?": "12.000"}, 12.0),
         ("current_limit_setpoint", (2,), ["INST:NSEL 2", "CURR?"], {"CURR?": "1.500"}, 1.5),
         ("measure_voltage", (2,), ["INST:NSEL 2", "MEAS:VOLT?"], {"MEAS:VOLT?": "12.001"}, 12.001),
@@ -138,8 +142,8 @@ TRANSCRIPTS = {
         ("on", (3,), ["OUTP CH3,ON", "SYST:STAT?"], {}, None),  # CH3 has no status bit: plain confirm
         ("is_on", (1,), ["SYST:STAT?"], {"SYST:STAT?": "0x0010"}, True),
         ("is_on", (2,), ["SYST:STAT?"], {"SYST:STAT?": "0x0010"}, False),
-        ("set_voltage", (2, 12), ["CH2:VOLT 12.000", "SYST:STAT?"], {}, None),
-        ("set_current_limit", (2, 1.5), ["CH2:CURR 1.500", "SYST:STAT?"], {}, None),
+        ("set_voltage", (2, 12), ["CH2:VOLT 12.000", "SYST:ERR?"], {}, None),
+        ("set_current_limit", (2, 1.5), ["CH2:CURR 1.500", "SYST:ERR?"], {}, None),
         ("voltage_setpoint", (2,), ["CH2:VOLT?"], {"CH2:VOLT?": "12.000"}, 12.0),
         ("current_limit_setpoint", (2,), ["CH2:CURR?"], {"CH2:CURR?": "1.500"}, 1.5),
         ("measure_voltage", (2,), ["MEAS:VOLT? CH2"], {"MEAS:VOLT? CH2": "12.001"}, 12.001),
@@ -152,8 +156,8 @@ TRANSCRIPTS = {
         ("off", (2,), ["OP2 0", "*OPC?"], {}, None),
         ("is_on", (2,), ["OP2?"], {"OP2?": "1"}, True),
         ("is_on", (2,), ["OP2?"], {"OP2?": "0"}, False),
-        ("set_voltage", (2, 12), ["V2 12.000", "*OPC?"], {}, None),
-        ("set_current_limit", (2, 1.5), ["I2 1.500", "*OPC?"], {}, None),
+        ("set_voltage", (2, 12), ["V2 12.000", "EER?"], {}, None),
+        ("set_current_limit", (2, 1.5), ["I2 1.500", "EER?"], {}, None),
         ("voltage_setpoint", (2,), ["V2?"], {"V2?": "V2 12.000"}, 12.0),
         ("current_limit_setpoint", (2,), ["I2?"], {"I2?": "I2 1.500"}, 1.5),
         ("measure_voltage", (2,), ["V2O?"], {"V2O?": "12.001V"}, 12.001),
@@ -373,7 +377,7 @@ def test_failed_sequence_is_resent_whole_on_a_new_session(tmp_path):
                                 backoff_s=0.001)
     supply.set_voltage(2, 5)
     # the selection is sent again: the instrument may have lost it with the session
-    assert log == ["INST:NSEL 2", "VOLT 5.000", "INST:NSEL 2", "VOLT 5.000", "*OPC?"]
+    assert log == ["INST:NSEL 2", "VOLT 5.000", "INST:NSEL 2", "VOLT 5.000", "SYST:ERR?"]
     assert links == []
 
 
@@ -481,7 +485,7 @@ def test_lock_wait_is_bounded_and_names_the_holder(tmp_path):
 def test_lock_excludes_threads_during_a_sequence(tmp_path):
     """Select-then-command sequences from many threads never interleave."""
     log: list[str] = []
-    link = RecordingLink(log=log, replies=lambda command: "1")
+    link = RecordingLink(log=log, replies=lambda command: '0,"No error"')
     supply = DIALECTS["rs-ngx"]("psu-r", RESOURCE, 3, open_link=lambda: link, lock_dir=tmp_path)
     threads = [threading.Thread(target=lambda ch=ch: [supply.set_voltage(ch, ch) for _ in range(50)])
                for ch in (1, 2, 3)]
@@ -491,6 +495,120 @@ def test_lock_excludes_threads_during_a_sequence(tmp_path):
         t.join()
     assert len(log) == 3 * 50 * 3
     for i in range(0, len(log), 3):
-        select, volt, opc = log[i:i + 3]
+        select, volt, error_query = log[i:i + 3]
         ch = int(select.split()[-1])
-        assert volt == f"VOLT {ch:.3f}" and opc == "*OPC?"
+        assert volt == f"VOLT {ch:.3f}" and error_query == "SYST:ERR?"
+
+
+# ----------------------------------------------------------------- refused settings
+# (dialect, setting, commands sent, error query, the instrument's answers to it in order, text in the error)
+REFUSALS = [
+    ("keysight-e36312a", ("set_voltage", 1, 12), ["VOLT 12.000,(@1)"], "SYST:ERR?",
+     ['-222,"Data out of range"', '+0,"No error"'], '-222,"Data out of range"'),
+    ("rigol-dp800", ("set_voltage", 3, 12), [":SOUR3:VOLT 12.000"], ":SYST:ERR?",
+     ['-222,"Data out of range"', '0,"No error"'], '-222,"Data out of range"'),
+    ("rs-ngx", ("set_current_limit", 2, 25), ["INST:NSEL 2", "CURR 25.000"], "SYST:ERR?",
+     ['-222,"Data out of range"', '0,"No error"'], '-222,"Data out of range"'),
+    ("rs-hmc", ("set_voltage", 2, 40), ["INST:NSEL 2", "VOLT 40.000"], "SYST:ERR?",
+     ['-222,"Data out of range"', '0,"No error"'], '-222,"Data out of range"'),
+    ("siglent-spd", ("set_voltage", 1, 40), ["CH1:VOLT 40.000"], "SYST:ERR?",
+     ['-222,"Data out of range"', '0,"No error"'], '-222,"Data out of range"'),
+    ("aimtti", ("set_voltage", 1, 40), ["V1 40.000"], "EER?", ["100", "0"],
+     "EER? 100 (range error: the numeric value sent is not allowed)"),
+]
+
+
+@pytest.mark.parametrize(("dialect", "call", "commands", "error_query", "answers", "text"), REFUSALS,
+                         ids=[r[0] for r in REFUSALS])
+def test_refused_setting_is_a_supply_error_naming_everything(tmp_path, dialect, call, commands, error_query,
+                                                             answers, text):
+    queue = iter(answers)
+    supply, link = make(dialect, tmp_path, lambda command: next(queue) if command == error_query else "1")
+    supply.model = "MODEL-X"  # as open_supply(model=...) or identify() sets it
+    operation, ch, value = call
+    with pytest.raises(SupplyError) as err:
+        getattr(supply, operation)(ch, value)
+    # the setting and the error query in one sequence, then the queue read until it says empty
+    assert link.log == [*commands, error_query, error_query]
+    message = str(err.value)
+    for part in ("supply psu-t", "MODEL-X", RESOURCE, f"channel {ch}", repr("; ".join(commands)), text):
+        assert part in message, (part, message)
+
+
+def test_every_queued_error_is_read_and_reported(tmp_path):
+    queue = iter(['-222,"Data out of range"', '-221,"Settings conflict"', '+0,"No error"', '+0,"No error"'])
+    supply, link = make("keysight-e36312a", tmp_path, lambda command: next(queue))
+    with pytest.raises(SupplyError) as err:
+        supply.set_voltage(1, 12)
+    assert '-222,"Data out of range"; -221,"Settings conflict"' in str(err.value)
+    assert link.log == ["VOLT 12.000,(@1)"] + ["SYST:ERR?"] * 3
+    assert supply.errors() == []  # nothing left behind for the next check
+
+
+def test_error_queue_reading_is_bounded(tmp_path):
+    supply, link = make("keysight-e36312a", tmp_path, lambda command: '-350,"Queue overflow"')
+    with pytest.raises(SupplyError) as err:
+        supply.set_current_limit(2, 5)
+    assert link.log.count("SYST:ERR?") == ScpiSupply.MAX_ERRORS
+    assert f"still held errors after {ScpiSupply.MAX_ERRORS} reads" in str(err.value)
+
+
+def test_garbled_error_reply_means_reconnect_and_resend(tmp_path):
+    answers = iter(["1", '+0,"No error"'])  # a stale *OPC? reply where the error entry should be
+    opened: list[RecordingLink] = []
+
+    def open_link():
+        opened.append(RecordingLink(lambda command: next(answers)))
+        return opened[-1]
+
+    supply = DIALECTS["keysight-e36312a"]("psu-a", RESOURCE, 3, open_link=open_link, lock_dir=tmp_path,
+                                          backoff_s=0.001)
+    supply.set_voltage(2, 12)
+    assert [link.log for link in opened] == [["VOLT 12.000,(@2)", "SYST:ERR?"]] * 2
+
+
+@pytest.mark.parametrize("dialect", sorted(DIALECTS))
+def test_switching_is_not_a_setting_no_error_query(tmp_path, dialect):
+    """Power cuts stay one round trip: on, off and safe_state never read the error queue."""
+    def replies(command: str) -> str:  # the Siglent reads its status word back after switching
+        if command == "SYST:STAT?":
+            return "0x0014" if link.log[-2] == "OUTP CH1,ON" else "0x0004"
+        return "1" if command in ("*OPC?",) else ""
+
+    supply, link = make(dialect, tmp_path, replies)
+    supply.on(1)
+    supply.off(1)
+    supply.safe_state([1, 2])
+    assert len(link.log) >= 5 and supply.ERROR_QUERY not in link.log, link.log
+
+
+def test_open_supply_names_the_model_in_errors():
+    supply = open_supply("psu-a", RESOURCE, "keysight-e36312a", 3, model="E36313A")
+    assert supply.model == "E36313A"
+    assert open_supply("psu-b", RESOURCE, "rigol-dp800", 3).model is None
+
+
+def test_identify_learns_the_model(tmp_path):
+    supply, _ = make("rigol-dp800", tmp_path, {"*IDN?": "RIGOL TECHNOLOGIES,DP832,DP8C1,00.01.14"})
+    assert supply.model is None
+    supply.identify()
+    assert supply.model == "DP832"
+
+
+@pytest.mark.parametrize(("reply", "parsed"), [
+    ('-222,"Data out of range"', (-222, "Data out of range")), ('+0,"No error"', (0, "No error")),
+    ('0,"No error"', (0, "No error")), ("0  No Error", (0, "No Error")),
+    ('-222,"Data out of range;VOLT 40"', (-222, "Data out of range;VOLT 40")),
+    ("1", None), ("", None), ("OFF", None), ('"No error"', None),
+])
+def test_scpi_error_entries_parsed(tmp_path, reply, parsed):
+    supply, _ = make("keysight-e36312a", tmp_path)
+    assert supply.parse_error(reply) == parsed
+
+
+@pytest.mark.parametrize(("reply", "code"), [("0", 0), ("100", 100), (" 104 ", 104), ("x", None), ("", None),
+                                             ('-222,"Data out of range"', None)])
+def test_aimtti_execution_error_register_parsed(tmp_path, reply, code):
+    supply, _ = make("aimtti", tmp_path)
+    parsed = supply.parse_error(reply)
+    assert (parsed[0] if parsed else None) == code

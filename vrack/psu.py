@@ -19,6 +19,11 @@ aimtti              not SCPI: ``V1 5.0``, ``I1 0.5``, ``OP1 1``, ``OPALL 0``, ``
 ==================  ===============================================================
 
 Every dialect answers ``*IDN?``, ``*RST``, ``*OPC?``, ``*CLS`` and ``SYST:ERR?``.
+
+Each channel enforces its model's rating (RATINGS): a setting above it is refused as a real
+supply refuses it, quietly: the setting stays as it was and an error is queued, SCPI
+``-222,"Data out of range"`` (read with ``SYST:ERR?``, ``0,"No error"`` when empty), and on
+the Aim-TTi execution error 100 (read and cleared with ``EER?``; ``*ESR?`` bit 4 set too).
 """
 
 from __future__ import annotations
@@ -37,6 +42,8 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
+from typing import TextIO
 
 log = logging.getLogger(__name__)
 
@@ -55,8 +62,30 @@ SIGLENT_COMMAND_INTERVAL_S = 0.020
 
 #: Current limit after power-up or *RST, amps.
 DEFAULT_CURRENT_LIMIT = 1.0
+#: What a channel of a model the rack has no data sheet for can be set to.
 MAX_VOLTAGE = 60.0
 MAX_CURRENT = 10.0
+
+#: model -> (volts, amps) each channel can be set to, from the model's data sheet. A setting
+#: above it is refused as the instrument does: an error queued (SCPI -222 "Data out of range";
+#: Aim-TTi execution error 100), the setting unchanged. The harness keeps its own copy
+#: (harness/power/ratings.py); tests/test_power_emulated.py holds the two to the same numbers.
+RATINGS: dict[str, tuple[tuple[float, float], ...]] = {
+    "E36312A": ((6.0, 5.0), (25.0, 1.0), (25.0, 1.0)),        # Keysight E36300 Series data sheet
+    "E36313A": ((6.0, 10.0), (25.0, 2.0), (25.0, 2.0)),
+    "DP832": ((30.0, 3.0), (30.0, 3.0), (5.0, 3.0)),           # Rigol DP800 Series data sheet
+    "DP832A": ((30.0, 3.0), (30.0, 3.0), (5.0, 3.0)),
+    "NGP802": ((32.0, 20.0),) * 2,                             # R&S NGP800 data sheet (200 W per channel)
+    "NGP804": ((32.0, 20.0),) * 4,
+    "NGE103B": ((32.0, 3.0),) * 3,                             # R&S NGE100B data sheet
+    "HMC8043": ((32.0, 3.0),) * 3,                             # R&S HMC804x data sheet
+    "SPD3303X": ((32.0, 3.2), (32.0, 3.2), (5.0, 3.2)),        # Siglent SPD3303X data sheet (CH3 2.5/3.3/5 V)
+    "SPD3303X-E": ((32.0, 3.2), (32.0, 3.2), (5.0, 3.2)),
+    "QL355TP": ((35.0, 5.0), (35.0, 5.0), (6.0, 3.0)),         # Aim-TTi QL series data sheet (CH3: aux 1-6 V)
+}
+
+#: Aim-TTi Execution Error Register: "100: Range error. The numeric value sent is not allowed."
+AIMTTI_RANGE_ERROR = 100
 
 # SPD3303X SYSTem:STATus? bits (programming guide): 0/1 CH1/CH2 CC mode, 2-3 tracking mode
 # (01 independent), 4/5 CH1/CH2 output on, 6/7 timers, 8/9 waveform display.
@@ -81,6 +110,7 @@ _AIMTTI = re.compile(r"(V|I|OP)(\d+)(O?)")
 class _ScpiError(Exception):
     def __init__(self, code: int, text: str):
         super().__init__(f'{code},"{text}"')
+        self.code = code
         self.entry = f'{code},"{text}"'
 
 
@@ -115,6 +145,7 @@ class EmulatedSupply:
         on_output: Callable[[int, bool], None] | None = None,
         draw: Callable[[int], float] | None = None,
         serial: str = "VRACK0001",
+        rx_log: RxLog | None = None,
     ):
         if dialect not in DIALECTS:
             raise ValueError(f"supply {name}: unknown dialect {dialect!r}; known: {', '.join(DIALECTS)}")
@@ -128,9 +159,13 @@ class EmulatedSupply:
         self.port = port  # 0: pick a free port at start(); the real one is here afterwards
         self.on_output = on_output
         self.draw = draw
+        self.rx_log = rx_log  # every received line, stamped on arrival (see RxLog)
         self.dropped = 0  # commands lost because they came too fast (siglent-spd)
         self.history: deque[tuple[int, str]] = deque(maxlen=10_000)  # (connection id, line) executed
         self._n = channels
+        rated = RATINGS.get(model.upper(), ())
+        #: (volts, amps) per channel: the data sheet's, or the generic limits for a model not in RATINGS
+        self.ratings = [rated[i] if i < len(rated) else (MAX_VOLTAGE, MAX_CURRENT) for i in range(channels)]
         self._has_master = dialect in ("rs-ngx", "rs-hmc")
         self._state = threading.RLock()  # held while a command executes, callbacks included
         self._rng = random.Random(f"{name}/{serial}")
@@ -244,9 +279,15 @@ class EmulatedSupply:
                 if arrived_ns is None:
                     arrived_ns = time.clock_gettime_ns(time.CLOCK_REALTIME)
                 buf += data
+                rx_log = self.rx_log
+                if rx_log is not None:  # the kernel's arrival stamp, on CLOCK_MONOTONIC
+                    arrived_mono_ns = arrived_ns - (time.clock_gettime_ns(time.CLOCK_REALTIME) - time.monotonic_ns())
                 while b"\n" in buf:
                     raw, buf = buf.split(b"\n", 1)
-                    reply = self._execute(conn_id, raw.decode("ascii", "replace").strip(), arrived_ns)
+                    line = raw.decode("ascii", "replace").strip()
+                    reply = self._execute(conn_id, line, arrived_ns)
+                    if rx_log is not None:
+                        rx_log.write(arrived_mono_ns, self.name, line)
                     if reply is not None:
                         conn.sendall(reply.encode("ascii") + b"\n")
         except OSError:
@@ -282,6 +323,8 @@ class EmulatedSupply:
                 except _ScpiError as exc:
                     self._errors.append(exc.entry)
                     self._esr |= 0x20 if exc.entry.startswith("-1") else 0x10
+                    if exc.code in (-222, -224):  # Aim-TTi: a value it does not allow
+                        self._eer = AIMTTI_RANGE_ERROR
                     reply = None
                 self._notify(before)
                 if reply is not None:
@@ -310,6 +353,7 @@ class EmulatedSupply:
         self._selected = 1
         self._errors: deque[str] = deque(maxlen=32)
         self._esr = 0
+        self._eer = 0  # Aim-TTi Execution Error Register: the last execution error, cleared by EER?
         self._last_accepted: int | None = None
 
     def _idn(self) -> str:
@@ -357,6 +401,7 @@ class EmulatedSupply:
         if header == "*CLS" and not query:
             self._errors.clear()
             self._esr = 0
+            self._eer = 0
             return None
         if header == "*ESR" and query:
             esr, self._esr = self._esr, 0
@@ -382,12 +427,29 @@ class EmulatedSupply:
         drawn = self.draw(ch) if self.draw is not None and self._powered(ch) else 0.0
         return self._powered(ch) and drawn >= self._channels[ch - 1].current_limit
 
+    def _rated(self, ch: int, what: str, value: float) -> float:
+        """The value a setting of channel ch may take (MAX: the rating); -222 above the channel's rating."""
+        volts, amps = self.ratings[self._check_ch(ch) - 1]
+        limit = volts if what == "VOLT" else amps
+        if value == math.inf:  # MAX / MAXIMUM
+            return limit
+        if value > limit:
+            raise _ScpiError(-222, "Data out of range")
+        return value
+
     def _set(self, ch: int, what: str, value: float) -> None:
-        c = self._channels[self._check_ch(ch) - 1]
-        if what == "VOLT":
-            c.voltage = value
-        else:
-            c.current_limit = value
+        self._set_all([(ch, what, value)])
+
+    def _set_all(self, settings: list[tuple[int, str, float]]) -> None:
+        """Every setting checked against its channel's rating before any is made: a refused
+        command leaves the instrument as it was."""
+        checked = [(ch, what, self._rated(ch, what, value)) for ch, what, value in settings]
+        for ch, what, value in checked:
+            c = self._channels[ch - 1]
+            if what == "VOLT":
+                c.voltage = value
+            else:
+                c.current_limit = value
 
     def _setpoint(self, ch: int, what: str) -> float:
         c = self._channels[self._check_ch(ch) - 1]
@@ -396,9 +458,8 @@ class EmulatedSupply:
     def _value(self, args: list[str], what: str, index: int = 0) -> float:
         if len(args) <= index:
             raise _ScpiError(-109, "Missing parameter")
-        limit = MAX_VOLTAGE if what == "VOLT" else MAX_CURRENT
         text = args[index].upper()
-        special = {"MIN": 0.0, "MINIMUM": 0.0, "MAX": limit, "MAXIMUM": limit,
+        special = {"MIN": 0.0, "MINIMUM": 0.0, "MAX": math.inf, "MAXIMUM": math.inf,  # MAX: _rated() resolves
                    "DEF": DEFAULT_CURRENT_LIMIT if what == "CURR" else 0.0}
         if text in special:
             return special[text]
@@ -406,7 +467,7 @@ class EmulatedSupply:
             value = float(text.rstrip("VA"))
         except ValueError:
             raise _ScpiError(-224, "Illegal parameter value") from None
-        if not math.isfinite(value) or not 0.0 <= value <= limit:
+        if not math.isfinite(value) or value < 0.0:
             raise _ScpiError(-222, "Data out of range")
         return value
 
@@ -452,8 +513,7 @@ class EmulatedSupply:
             if query:
                 return ",".join(f"{self._setpoint(ch, key):+.8E}" for ch in chans)
             value = self._value(args, key)
-            for ch in chans:
-                self._set(ch, key, value)
+            self._set_all([(ch, key, value) for ch in chans])
             return None
         if key == "OUTP":
             chans = self._targets(chlist, None)
@@ -498,9 +558,10 @@ class EmulatedSupply:
             return f"{self._measure(ch, key[5:]):.4f}"
         if key == "APPL" and not query:
             ch = self._channels_arg(_arg(args, 0))[0]
-            self._set(ch, "VOLT", self._value(args, "VOLT", 1))
+            settings = [(ch, "VOLT", self._value(args, "VOLT", 1))]
             if len(args) > 2:
-                self._set(ch, "CURR", self._value(args, "CURR", 2))
+                settings.append((ch, "CURR", self._value(args, "CURR", 2)))
+            self._set_all(settings)
             return None
         raise _undefined(key)
 
@@ -542,9 +603,10 @@ class EmulatedSupply:
         if key in ("MEAS:VOLT", "MEAS:CURR") and query:
             return f"{self._measure(ch, key[5:]):.4f}"
         if key == "APPL" and not query:
-            self._set(ch, "VOLT", self._value(args, "VOLT", 0))
+            settings = [(ch, "VOLT", self._value(args, "VOLT", 0))]
             if len(args) > 1:
-                self._set(ch, "CURR", self._value(args, "CURR", 1))
+                settings.append((ch, "CURR", self._value(args, "CURR", 1)))
+            self._set_all(settings)
             return None
         raise _undefined(key)
 
@@ -587,7 +649,10 @@ class EmulatedSupply:
             for c in self._channels:
                 c.enabled = on
             return None
-        if header in ("EER", "QER") and query:
+        if header == "EER" and query:  # read and clear: the last execution error, 0 = none
+            eer, self._eer = self._eer, 0
+            return str(eer)
+        if header == "QER" and query:  # query errors (a reply nobody read): the emulator never makes one
             return "0"
         m = _AIMTTI.fullmatch(header)
         if not m:
@@ -609,6 +674,45 @@ class EmulatedSupply:
             return f"{what}{ch} {self._setpoint(ch, kind):.3f}"
         self._set(ch, kind, self._value(args, kind))
         return None
+
+
+# --------------------------------------------------------------------- RX log
+class RxLog:
+    """The rig's ``virtual.supply_rx_log``: ``<monotonic_ns> RX <supply> <line>`` for every command
+    line any of the rack's supplies receives, so a cut's latency is measured outside the harness.
+
+    The stamp is the kernel's arrival time of the segment that completed the line (SO_TIMESTAMPNS,
+    CLOCK_REALTIME) converted to CLOCK_MONOTONIC with the offset between the two clocks read right
+    after the receive (without SO_TIMESTAMPNS: CLOCK_MONOTONIC at the receive), so it does not
+    depend on when the supply's thread got to run. It is written after the line was executed, off
+    the power path. One file for all supplies, appended under a lock, line-buffered (flushed per
+    line); lines are in the order written, not strictly in stamp order across supplies.
+    """
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.Lock()
+        self._file: TextIO | None = open(self.path, "a", buffering=1, encoding="utf-8")  # noqa: SIM115 - close()
+
+    def write(self, stamp_ns: int, supply: str, line: str) -> None:
+        """Append one line. A write that fails (disk full) stops the log, never the supply."""
+        with self._lock:
+            if self._file is None:
+                return
+            try:
+                self._file.write(f"{stamp_ns} RX {supply} {line}\n")
+            except OSError as exc:
+                log.error("supply RX log %s: write failed, log stopped: %s", self.path, exc)
+                f, self._file = self._file, None
+                with contextlib.suppress(OSError):
+                    f.close()
+
+    def close(self) -> None:
+        with self._lock:
+            f, self._file = self._file, None
+        if f is not None:
+            f.close()
 
 
 # --------------------------------------------------------------------- arrival time

@@ -33,15 +33,20 @@ DIALECTS: dict[str, type[ScpiSupply]] = {
 }
 
 
-def open_supply(name: str, resource: str, dialect: str, channels: int, timeout_ms: int = 1000) -> ScpiSupply:
-    """The driver for a rig's supply entry. The session opens on the first command."""
+def open_supply(name: str, resource: str, dialect: str, channels: int, timeout_ms: int = 1000,
+                model: str | None = None) -> ScpiSupply:
+    """The driver for a rig's supply entry. The session opens on the first command.
+    ``model`` (the rig's) names the instrument in errors until identify() reads it from *IDN?."""
     try:
         cls = DIALECTS[dialect]
     except KeyError:
         raise ValueError(
             f"supply {name}: unknown dialect {dialect!r}; known: {', '.join(sorted(DIALECTS))}"
         ) from None
-    return cls(name, resource, channels, timeout_ms=timeout_ms)
+    supply = cls(name, resource, channels, timeout_ms=timeout_ms)
+    if model:
+        supply.model = model
+    return supply
 
 
 __all__ = [

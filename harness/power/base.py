@@ -136,6 +136,27 @@ class VisaLink:
     def query(self, command: str) -> str:
         return self._inst.query(command)
 
+    def send_now(self, data: bytes) -> None:
+        """Send pre-encoded, terminated bytes in one write and never block (a cut's OFF): straight
+        to the socket of a SOCKET resource, else through the VISA session's write_raw."""
+        if self._sock is None:
+            self._inst.write_raw(data)
+            return
+        sent = self._sock.send(data, socket.MSG_DONTWAIT)  # BlockingIOError if the send buffer is full
+        if sent != len(data):
+            raise LinkError(f"{self.resource}: sent {sent} of {len(data)} bytes of {data!r} (send buffer full)")
+
+    def peer_closed(self) -> bool:
+        """True if the instrument closed the connection (FIN or reset): checked right after a cut's send."""
+        if self._sock is None:
+            return False
+        try:
+            poller = select.poll()
+            poller.register(self._sock, select.POLLRDHUP | select.POLLHUP | select.POLLERR)
+            return bool(poller.poll(0))
+        except (OSError, ValueError):
+            return True
+
     def is_stale(self) -> bool:
         """True if the peer closed the connection or sent bytes nobody asked for."""
         if self._sock is None:
@@ -206,27 +227,36 @@ class InstrumentLock:
             self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)
         return self._fd
 
-    def acquire(self) -> None:
+    def acquire(self, timeout_s: float | None = None, *, record: bool = True) -> None:
+        """Take the lock, waiting at most ``timeout_s`` (default: the lock's own timeout).
+
+        ``record=False`` (a cut firing on an unpaced instrument) skips reading and writing the
+        lock file's record when the lock is free: no pacing time is needed, and the holder's pid
+        is only for the message of someone who waits."""
         self._fresh_after_fork()
+        timeout_s = self.timeout_s if timeout_s is None else timeout_s
         started = time.monotonic()
-        if not self._thread_lock.acquire(timeout=self.timeout_s):
+        if not self._thread_lock.acquire(timeout=timeout_s):
             raise SupplyError(
-                f"{self.owner}: waited {self.timeout_s:.1f} s for the instrument lock held by another "
+                f"{self.owner}: waited {timeout_s:.3f} s for the instrument lock held by another "
                 f"thread of this process (pid {os.getpid()})"
             )
         if self._depth == 0:
             try:
-                self._flock(started + self.timeout_s)
+                self._flock(started + timeout_s, timeout_s, record)
             except BaseException:
                 self._thread_lock.release()
                 raise
         self._depth += 1
 
-    def _flock(self, deadline: float) -> None:
+    def _flock(self, deadline: float, timeout_s: float, record: bool = True) -> None:
         fd = self._file()
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             self._held_fd = fd
+            if not record:
+                self._written_ns = self.last_command_ns  # nothing to write back at release
+                return
         except BlockingIOError:
             # Contended: queue in the kernel (woken as soon as the holder lets go) from a helper
             # thread, because a blocking flock cannot time out and polling starves the waiter.
@@ -234,7 +264,7 @@ class InstrumentLock:
             if not waiter.wait(max(0.0, deadline - time.monotonic())):
                 holder = self._read_record()[0]
                 raise SupplyError(
-                    f"{self.owner}: waited {self.timeout_s:.1f} s for the instrument lock {self.path} "
+                    f"{self.owner}: waited {timeout_s:.3f} s for the instrument lock {self.path} "
                     f"held by pid {holder or '?'}"
                 ) from None
             self._held_fd = waiter.fd
@@ -341,9 +371,18 @@ class ScpiSupply:
     confirm: ClassVar[str | None] = "*OPC?"
     #: Minimum time between two commands to this instrument (physics of slow firmware).
     command_interval_s: float = 0.0
+    #: False for an instrument whose output command switches every output at once (a Keysight
+    #: E3631A's ``OUTP``): a cut on one cart would cut its neighbours, so arming one is refused.
+    PER_CHANNEL_OUTPUT: ClassVar[bool] = True
 
     IDENTIFY: ClassVar[tuple[str, ...]] = ("*IDN?",)
+    #: Pops the oldest entry of the instrument's error queue ("0,..." when empty). Sent after every
+    #: setting in the same sequence, where it also confirms that the instrument got the setting.
     ERROR_QUERY: ClassVar[str] = "SYST:ERR?"
+    #: A setting check reads at most this many entries (real queues hold 10-30): none is left behind.
+    MAX_ERRORS: ClassVar[int] = 16
+    #: The instrument's model, for error messages: from the rig (open_supply) or from identify().
+    model: str | None = None
     ON: ClassVar[tuple[str, ...]] = ()
     OFF: ClassVar[tuple[str, ...]] = ()
     IS_ON: ClassVar[tuple[str, ...]] = ()
@@ -438,6 +477,20 @@ class ScpiSupply:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
+    # ------------------------------------------------------------ cut (harness/cut.py)
+    def arm_off(self, ch: int) -> ArmedOff:
+        """Open the session now and encode channel ``ch``'s OFF to bytes, ready to `ArmedOff.fire`.
+
+        Refused (`SupplyError`) on an instrument that can only switch all outputs at once."""
+        ch = self._channel(ch)
+        if not self.PER_CHANNEL_OUTPUT:
+            raise SupplyError(
+                f"supply {self.name} ({self.resource}): the {self.dialect or type(self).__name__} output "
+                f"command switches every output at once: a cut on channel {ch} would cut the others too"
+            )
+        self.connect()
+        return ArmedOff(self, ch)
+
     # ------------------------------------------------------------ commands
     def write(self, command: str) -> None:
         """Send one command (then the confirmation query)."""
@@ -498,7 +551,10 @@ class ScpiSupply:
                     progress.command = command
                     self._pace()
                     if is_query(command):
-                        replies.append(link.query(command).strip())
+                        reply = link.query(command).strip()
+                        if command == self.ERROR_QUERY and self.parse_error(reply) is None:
+                            raise LinkError(f"{command!r} answered {reply!r}, not an error queue entry")
+                        replies.append(reply)
                     else:
                         link.write(command)
                     if self.command_interval_s:
@@ -529,13 +585,50 @@ class ScpiSupply:
         found = []
         for _ in range(max_entries):
             reply = self.query(self.ERROR_QUERY)
-            m = re.match(r"\s*([-+]?\d+)", reply)
-            if not m:
+            parsed = self.parse_error(reply)
+            if parsed is None:
                 raise self._bad_reply(self.ERROR_QUERY, reply, "an error code and message")
-            if int(m.group(1)) == 0:
+            if parsed[0] == 0:
                 break
             found.append(reply)
         return found
+
+    def parse_error(self, reply: str) -> tuple[int, str] | None:
+        """``-222,"Data out of range"`` -> (-222, 'Data out of range'); None if it is no error entry."""
+        m = _ERROR_ENTRY.fullmatch(reply)
+        return (int(m.group(1)), m.group(2).strip().strip('"').strip()) if m else None
+
+    def describe_error(self, reply: str) -> str:
+        """An error entry as the message shows it: SCPI's own text, as the instrument said it."""
+        return reply.strip()
+
+    def _setting(self, template: Sequence[str], ch: int, value: float) -> None:
+        """Send a setting with the error query after it, then read the queue until it is empty:
+        a refused setting (a supply keeps its old one and says so only in the queue) is a
+        SupplyError naming the supply, the channel, the command and the instrument's error."""
+        if not template:
+            raise SupplyError(f"supply {self.name} ({self.resource}): {self.dialect} driver has no such command")
+        commands = [c.format(ch=ch, value=value) for c in template]
+        with self._lock:  # the queue is the instrument's: no other sequence may read our error or add its own
+            reply = self.transact([*commands, self.ERROR_QUERY], confirm=False)[-1]
+            found: list[str] = []
+            while True:
+                parsed = self.parse_error(reply)
+                if parsed is None:
+                    raise self._bad_reply(self.ERROR_QUERY, reply, "an error code and message")
+                if parsed[0] == 0:
+                    break
+                found.append(self.describe_error(reply))
+                if len(found) >= self.MAX_ERRORS:
+                    found.append(f"(the queue still held errors after {self.MAX_ERRORS} reads)")
+                    break
+                reply = self.query(self.ERROR_QUERY)
+        if found:
+            model = f"{self.model} at " if self.model else ""
+            raise SupplyError(
+                f"supply {self.name} ({model}{self.resource}) channel {ch}: {'; '.join(commands)!r} refused by "
+                f"the instrument: {'; '.join(found)}"
+            )
 
     # ------------------------------------------------------------ operations
     def _run(self, template: Sequence[str], ch: int | None = None, value: float | None = None) -> list[str]:
@@ -555,7 +648,10 @@ class ScpiSupply:
         return value
 
     def identify(self) -> Identity:
-        return Identity.parse(self._run(self.IDENTIFY)[-1])
+        identity = Identity.parse(self._run(self.IDENTIFY)[-1])
+        if identity.model:
+            self.model = identity.model
+        return identity
 
     def on(self, ch: int) -> None:
         self._run(self.ON, self._channel(ch))
@@ -568,10 +664,10 @@ class ScpiSupply:
         return self.parse_output_state(replies, ch)
 
     def set_voltage(self, ch: int, volts: float) -> None:
-        self._run(self.SET_VOLTAGE, self._channel(ch), self._level("voltage", volts))
+        self._setting(self.SET_VOLTAGE, self._channel(ch), self._level("voltage", volts))
 
     def set_current_limit(self, ch: int, amps: float) -> None:
-        self._run(self.SET_CURRENT_LIMIT, self._channel(ch), self._level("current limit", amps))
+        self._setting(self.SET_CURRENT_LIMIT, self._channel(ch), self._level("current limit", amps))
 
     def voltage_setpoint(self, ch: int) -> float:
         command = self.VOLTAGE_SETPOINT
@@ -624,6 +720,73 @@ class ScpiSupply:
         return SupplyError(
             f"supply {self.name} ({self.resource}): {command!r} answered {reply!r}, expected {expected}"
         )
+
+
+class ArmedOff:
+    """One channel's OFF, encoded in advance for an open session: `fire` sends it in one write.
+
+    Firing takes no lock when the OFF is a single command naming its channel (Keysight, Rigol,
+    Aim-TTi): one line cannot land inside another thread's or process's select-then-command
+    sequence, and sends on one socket do not interleave. When the OFF needs a channel selection
+    first (R&S) or the instrument needs pacing (Siglent), firing takes the instrument lock, which
+    anyone else holds for one command sequence; it waits at most ``lock_wait_s`` for it.
+    Nothing is retried here and no reply is read: the caller confirms with `ScpiSupply.is_on`.
+    """
+
+    def __init__(self, supply: ScpiSupply, ch: int, *, lock_wait_s: float = 0.1):
+        self.supply = supply
+        self.channel = ch
+        self.commands = tuple(c.format(ch=ch, value=None) for c in supply.OFF)
+        if not self.commands:
+            raise SupplyError(f"supply {supply.name} ({supply.resource}): {supply.dialect} driver has no OFF command")
+        self.data = b"".join(c.encode("ascii") + b"\n" for c in self.commands)
+        self.locked = len(self.commands) > 1 or bool(supply.command_interval_s)
+        self.lock_wait_s = lock_wait_s
+        with supply._lock:
+            self._link = supply._ensure_link()
+
+    def __repr__(self) -> str:
+        return f"ArmedOff({self.supply.name} ch{self.channel}: {self.data!r})"
+
+    @property
+    def path(self) -> str:
+        """How `fire` reaches the instrument: "socket" (raw TCP send) or "visa" (the session's write)."""
+        return "socket" if getattr(self._link, "_sock", None) is not None else "visa"
+
+    def fire(self) -> int:
+        """Send the OFF now; returns ``time.monotonic_ns()`` taken right after the send.
+
+        Raises `LinkError` (an OSError) if the session was closed or dropped since arming or the
+        instrument closed the connection, `SupplyError` if the lock could not be had in time."""
+        supply = self.supply
+        if self.locked:
+            supply._lock.acquire(self.lock_wait_s, record=bool(supply.command_interval_s))
+        try:
+            link = self._link
+            if link is not supply._link:
+                raise LinkError(f"{supply.resource}: the session armed for the cut was closed (reopened since?)")
+            if self.locked:
+                supply._pace()
+            send_now = getattr(link, "send_now", None)
+            if send_now is None:  # a Link without a raw path (a test double): its own write, per command
+                for command in self.commands:
+                    link.write(command)
+            else:
+                send_now(self.data)
+            sent_ns = time.monotonic_ns()
+            if send_now is not None and link.peer_closed():  # checked after the send: off the fast path
+                raise LinkError(f"{supply.resource}: the instrument closed the connection while armed: "
+                                "the OFF went nowhere")
+            if self.locked and supply.command_interval_s:
+                supply._lock.last_command_ns = sent_ns
+            return sent_ns
+        finally:
+            if self.locked:
+                supply._lock.release()
+
+
+#: ``-222,"Data out of range"``, ``+0,"No error"``, ``0  No Error``: a code, then its text.
+_ERROR_ENTRY = re.compile(r"\s*([-+]?\d+)\s*[,\s]\s*(\S.*?)\s*")
 
 
 def _describe(exc: BaseException) -> str:

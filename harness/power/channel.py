@@ -68,3 +68,7 @@ class ChannelPower:
 
     def safe_state(self) -> None:
         self.supply.safe_state([self.channel])
+
+    def arm_off(self):
+        """The channel's OFF, pre-encoded on an open session (see harness/cut.py for cuts on an event)."""
+        return self.supply.arm_off(self.channel)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
@@ -21,6 +22,8 @@ class FakeSupply:
 
     ``draw(ch)`` gives the current a powered channel draws (default 0.0 A);
     ``fail`` set to an exception makes the next calls raise it (a dead instrument).
+    ``per_channel_output=False`` models an instrument whose output command switches every
+    output at once (a Keysight E3631A): arming a cut on it is refused.
     """
 
     def __init__(
@@ -31,7 +34,9 @@ class FakeSupply:
         model: str = "FakeSupply",
         draw: Callable[[int], float] | None = None,
         resource: str | None = None,
+        per_channel_output: bool = True,
     ):
+        self.PER_CHANNEL_OUTPUT = per_channel_output
         self.name = name
         self.channels = channels
         self.model = model
@@ -111,6 +116,31 @@ class FakeSupply:
         for ch in chans:
             self._ch(ch).output = False
 
+    def arm_off(self, ch: int) -> FakeArmedOff:
+        self._call("arm_off", ch)
+        self._ch(ch)
+        if not self.PER_CHANNEL_OUTPUT:
+            raise SupplyError(f"supply {self.name} ({self.resource}): the {self.model} output command switches "
+                              f"every output at once: a cut on channel {ch} would cut the others too")
+        return FakeArmedOff(self, ch)
+
     def close(self) -> None:
         self.calls.append(("close",))
         self.closed = True
+
+
+class FakeArmedOff:
+    """`ArmedOff` for the fake: ``fire()`` switches the channel off and records ("fire", ch)."""
+
+    path = "fake"
+
+    def __init__(self, supply: FakeSupply, ch: int):
+        self.supply = supply
+        self.channel = ch
+        self.commands = (f"OFF {ch}",)
+        self.data = f"OFF {ch}\n".encode("ascii")
+
+    def fire(self) -> int:
+        self.supply._call("fire", self.channel)
+        self.supply.state[self.channel].output = False
+        return time.monotonic_ns()

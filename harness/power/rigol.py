@@ -13,6 +13,7 @@ class RigolDP800(ScpiSupply):
     """
 
     dialect = "rigol-dp800"
+    ERROR_QUERY = ":SYST:ERR?"  # -> -222,"Data out of range" after a setting above the channel's rating
     ON = (":OUTP CH{ch},ON",)
     OFF = (":OUTP CH{ch},OFF",)
     IS_ON = (":OUTP? CH{ch}",)
