@@ -9,6 +9,7 @@
     outcome = run.wait()                         confirmed / rejected / failed / rolled-back / ...
     outcome = ota.update(image)                  both at once
     outcome.expect_confirmed() / expect_rejected("unsigned") / expect_rolled_back()
+    outcome.expect_failed_writing("erase failed: page 140")   a flash fault: only the inactive slot changed
 
 A cart is reached only through its console (the profile's lines and commands), MQTT on the
 rig's broker and HTTP from the image host: the same steps run on a physical rig.
@@ -320,9 +321,9 @@ class UpdateOutcome:
     def _fail(self, what: str) -> None:
         raise OtaError(f"{what}\n{self.describe()}")
 
-    def _unchanged(self) -> None:
-        if self.hashes_after != self.hashes_before:
-            changed = [s for s in "AB" if self.hashes_after.get(s) != self.hashes_before.get(s)]
+    def _unchanged(self, slots: str = "AB") -> None:
+        changed = [s for s in slots if self.hashes_after.get(s) != self.hashes_before.get(s)]
+        if changed:
             self._fail(f"slot(s) {', '.join(changed)} changed although the update did not go through")
         b, a = self.before, self.after
         if (a.active, a.booted, a.pending, a.tries, a.confirmed) != (b.active, b.booted, b.pending, b.tries,
@@ -369,14 +370,36 @@ class UpdateOutcome:
         """FAILED (not a rollback) for exactly `reason` ('*' as above), nothing written, no reboot."""
         return self._ended_without_trying("failed", reason)
 
+    @_checked("failed for {0!r} writing the inactive slot: the running slot byte for byte unchanged, boot control "
+              "unchanged, no reboot, no rollback counted")
+    def expect_failed_writing(self, reason: str) -> UpdateOutcome:
+        """FAILED for exactly `reason` ('*' as above) once the agent had begun on the inactive slot (a flash
+        fault): that slot may be partly erased or written, but the running slot is byte for byte what it
+        was, boot control is unchanged (nothing pending: nothing boots from the partial slot), the cart did
+        not reboot and no rollback was counted."""
+        self._ended_as("failed", reason)
+        running = self.before.booted
+        was, now = self.hashes_before.get(running, "?"), self.hashes_after.get(running, "?")
+        if was != now:
+            # evidence: the first line of the update in which the cart itself names the running slot
+            named = next((x.strip() for x in self.console.splitlines() if re.search(rf"\bslot={running}\b", x)), None)
+            self._fail(f"{self.cart}: the running slot {running} was written: its sha256 went {was[:16]}… -> "
+                       f"{now[:16]}… although the update failed (only the inactive slot may change)"
+                       + (f"; first line naming slot {running}: {named!r}" if named else ""))
+        self._unchanged(slots=running)
+        return self
+
     def _ended_without_trying(self, outcome: str, reason: str) -> UpdateOutcome:
+        self._ended_as(outcome, reason)
+        self._unchanged()
+        return self
+
+    def _ended_as(self, outcome: str, reason: str) -> None:
         if self.outcome != outcome:
             self._fail(f"expected the update to be {outcome} ({reason}), got {self.outcome}")
         ok = self.reason.startswith(reason[:-1]) if reason.endswith("*") else self.reason == reason
         if not ok:
             self._fail(f"{outcome} for {self.reason!r}, expected {reason!r}")
-        self._unchanged()
-        return self
 
     @_checked("rolled back by the bootloader, previous version running, counted once for the target version")
     def expect_rolled_back(self, *, succeeded_first: bool = False) -> UpdateOutcome:

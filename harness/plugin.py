@@ -350,6 +350,23 @@ def ota(cart, fleet, firmware_builds, lab_pki, rig: Rig):
                     pytrace=False)
 
 
+@pytest.fixture
+def flash_faults(cart, rig: Rig):
+    """This test's cart's flash faults, through the rack's control interface (harness.flashfaults):
+    `flash_faults.set(erase_fail=[flash_faults.inactive_page(k)])`. Starts with none and clears them
+    afterwards, before the cart is put in safe state. A rig without a control interface (a lab rig:
+    nobody makes a real part fail on request) cannot inject flash faults: the test is skipped, saying so."""
+    from harness.flashfaults import RackControl
+
+    control = RackControl.for_rig(rig)
+    if control is None:
+        pytest.skip(f"{rig.path}: rig {rig.name} cannot inject flash faults (no rack control interface)")
+    faults = control.cart(cart)
+    faults.clear()
+    yield faults
+    faults.clear()
+
+
 def _attach_console(item: pytest.Item, cart, start: int) -> None:
     text = cart.console.slice_text(start)
     item.add_report_section("call", f"console {cart.id}", text)
