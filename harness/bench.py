@@ -9,7 +9,15 @@
 - device event to harness: the firmware publishes `bench` telemetry stamped with its monotonic
   clock (`bench mqtt N`); latency = the harness's receipt time - t_ns;
 - OTA update per configuration, split into pickup, download, verify, write, trial boot, confirm
-  (console timestamps), and ten carts updating in parallel against the slowest cart alone.
+  (console timestamps), and ten carts updating in parallel against the slowest cart alone;
+- cut latency, measured from outside the harness: the device's stamp on the event line (its
+  monotonic clock) -> the supply's arrival stamp of the OFF line in the rig's
+  ``virtual.supply_rx_log`` (the same clock); with the harness's own split (device -> line seen,
+  seen -> OFF sent, sent -> supply received). The cut is armed on the Kth ``bench <i> <t_ns>`` line
+  of ``bench lines`` (the firmware writes them back to back, as fast as it can);
+- the power-cut sweep (`harness/sweep.py`): the full sweep (every event + 10 random cuts) run as the
+  suite runs it (`hil sweep`: test_suites/test_power_cut.py, one worker per cart), its wall time over
+  the chosen carts (all ten by default) and cut points per second, read from the sweep's own reports.
 
 Figures are printed and written as JSON; nothing here asserts a time.
 """
@@ -192,7 +200,149 @@ def update_timings(bench, rig: Rig, fleet, out_dir: Path) -> dict:
             "ratio": round(ten / alone[slowest], 2) if alone[slowest] else None, "errors": errors}
 
 
-def run_bench(rig_path: Path, *, out: Path, quick: bool = False) -> int:
+def sweep_figures(rig_path: Path, out_dir: Path, *, carts: list[str] | None = None, mode: str = "full") -> dict:
+    """Run the power-cut sweep (not the fault-build check) on ``carts`` (default: every cart of the rig)
+    in parallel, one worker per cart; wall time, cut points and cut points per second."""
+    rig = Rig.load(rig_path)
+    chosen = carts or [s.cart_id for s in rig.slots]
+    reports = (out_dir / "sweep-run").resolve()   # absolute: the firmware build runs in the rig's directory
+    cmd = [sys.executable, "-m", "pytest", "test_suites/test_power_cut.py::test_every_cut_leaves_the_cart_safe",
+           "-q", "--rig", str(rig.path), "-p", "no:hypothesispytest", "--sweep", mode,
+           "--hil-reports", str(reports), "-n", str(len(chosen))]
+    for c in chosen:
+        cmd += ["--cart", c]
+    before = set((reports / "runs").glob("*")) if (reports / "runs").exists() else set()
+    t = time.monotonic()
+    rc = subprocess.call(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wall = time.monotonic() - t
+    per_cart: dict[str, dict] = {}
+    for run in sorted(set((reports / "runs").glob("*")) - before):
+        for f in sorted(run.glob("sweep/sweep-*.json")):
+            d = json.loads(f.read_text())
+            per_cart[d["cart"]] = {"points": len(d["points"]), "failed": sum(not p["passed"] for p in d["points"]),
+                                   "events": len(d["recorded"]), "coverage": d["coverage"], "wall_s": d["wall_s"]}
+    points = sum(c["points"] for c in per_cart.values())
+    return {"mode": mode, "carts": chosen, "wall_s": round(wall, 1), "points": points,
+            "points_per_s": round(points / wall, 3) if wall else None, "passed": rc == 0,
+            "failed_points": sum(c["failed"] for c in per_cart.values()), "per_cart": per_cart,
+            "target_wall_s": 600, "reports": str(reports)}
+
+
+def run_sweep_bench(rig_path: Path, *, out: Path, carts: list[str] | None = None, mode: str = "full") -> int:
+    """Only the sweep figures (`hil bench --only sweep [--sweep-cart ID]...`)."""
+    results = {"rig": str(rig_path), "when": time.strftime("%Y-%m-%dT%H:%M:%S"),
+               "power_cut_sweep": sweep_figures(rig_path, out.parent, carts=carts, mode=mode)}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=2))
+    _print_sweep(results["power_cut_sweep"])
+    print(f"\nwritten to {out}")
+    return 0
+
+
+def _print_sweep(s: dict) -> None:
+    print(f"power-cut sweep ({s['mode']}) on {len(s['carts'])} cart(s): {s['wall_s']} s wall "
+          f"(target <= {s['target_wall_s']} s for ten), {s['points']} cut points, {s['points_per_s']} points/s, "
+          f"{s['failed_points']} failed point(s){'' if s['passed'] else ' - SUITE FAILED'}")
+    for cid, c in sorted(s["per_cart"].items()):
+        print(f"  {cid}: {c['points']} points over {c['events']} events ({c['coverage']:.0%} cut), {c['wall_s']} s, "
+              f"{c['failed']} failed")
+
+
+CUT_TARGET_MEDIAN_US = 500.0
+CUT_TARGET_P99_US = 1000.0
+
+
+def cut_latency(cart, rig: Rig, count: int, *, flood: bool = False, nth: int = 20) -> dict:
+    """``count`` cuts on ``cart``, each on a fresh boot.
+
+    Normally on the first event line (the profile's ``event`` pattern) after the boot banner: the
+    cut is armed once the banner is seen, and lands on the firmware's first step (its self-test,
+    or its boot event if arming was quicker). With ``flood`` (or a profile without event lines)
+    on the ``nth`` line of ``bench lines``, written back to back: a cut under a console flood."""
+    from harness.cut import cut_on_console
+
+    virt = rig.spec.virtual
+    if virt is None or virt.supply_rx_log is None:
+        return {"skipped": "the rig has no virtual.supply_rx_log: the supply side cannot be seen from outside"}
+    rx_log = rig.resolve(virt.supply_rx_log)
+    event_rx = cart.profile.patterns.get("event")
+    flood = flood or event_rx is None
+    supply = cart.slot.supply.name
+    device_to_rx, device_to_seen, seen_to_rx, seen_to_sent, sent_to_rx, paths = [], [], [], [], [], set()
+    events: dict[str, int] = {}
+    for _ in range(count):
+        if flood:
+            cart.power_on()
+            cut = cut_on_console(cart.power, cart.console, cart.profile.commands["bench_lines"].parse, nth=nth)
+            cart.console.send(f"bench lines {nth + 50_000}")
+        else:
+            cart.power_on(wait=False)
+            cart.console.expect(cart.pattern("banner"), cart.boot_timeout, what=f"{cart.id} boot banner")
+            cut = cut_on_console(cart.power, cart.console, event_rx)
+        start = rx_log.stat().st_size if rx_log.exists() else 0
+        off_line = cut.off_bytes.decode("ascii").splitlines()[-1]   # the line that switches the output
+        cut.wait(30.0)
+        paths.add(cut.path)
+        name = cut.event.split(" ")[1] if not flood else "bench"
+        events[name] = events.get(name, 0) + 1
+        # the supply logs a line after executing it, before it reads the next one: the confirmation
+        # query that cut.wait() waited for came after the OFF, so the OFF's line is in the log now
+        with rx_log.open("rb") as f:
+            f.seek(start)
+            rows = [ln.decode("utf-8", "replace").rstrip("\n").split(" ", 3) for ln in f]
+        got = [int(r[0]) for r in rows if len(r) == 4 and r[2] == supply and r[3] == off_line]
+        if not got or cut.device_t_ns is None:
+            raise RuntimeError(f"cut bench: no RX of {off_line!r} from {supply} in {rx_log} after byte {start}")
+        rx_ns = got[0]
+        device_to_rx.append((rx_ns - cut.device_t_ns) / 1e9)
+        device_to_seen.append((cut.event_t_ns - cut.device_t_ns) / 1e9)
+        seen_to_rx.append((rx_ns - cut.event_t_ns) / 1e9)
+        seen_to_sent.append((cut.sent_t_ns - cut.event_t_ns) / 1e9)
+        sent_to_rx.append((rx_ns - cut.sent_t_ns) / 1e9)
+        time.sleep(rig.spec.power_off_s)  # physics: off time before the next power-on
+    return {"cart": cart.id, "supply": f"{supply} ({cart.slot.supply.dialect}) ch{cart.slot.channel}",
+            "event": f"bench line #{nth} (flood)" if flood else "first event line after the banner",
+            "events_cut": events, "paths": sorted(paths),
+            "device_event_to_supply_rx": _stats_us(device_to_rx)
+            | {"target_median_us": CUT_TARGET_MEDIAN_US, "target_p99_us": CUT_TARGET_P99_US,
+               "over_target_p99": sum(x * 1e6 > CUT_TARGET_P99_US for x in device_to_rx),
+               "samples_us": [round(x * 1e6, 1) for x in device_to_rx]},
+            "device_to_line_seen": _stats_us(device_to_seen), "line_seen_to_supply_rx": _stats_us(seen_to_rx),
+            "line_seen_to_off_sent": _stats_us(seen_to_sent),
+            "off_sent_to_supply_rx": _stats_us(sent_to_rx)}
+
+
+def run_cut_bench(rig_path: Path, *, out: Path, cuts: int = 50, cart_id: str | None = None) -> int:
+    """Only the cut latency (`hil bench --only cut`)."""
+    from harness.cart import Bench
+    from harness.rackctl import rack_state, start_rack, stop_rack
+
+    rig = Rig.load(rig_path)
+    started = None
+    if rig.is_virtual and rack_state(rig) is None:
+        started = start_rack(rig, owner_pid=os.getpid())
+    results: dict = {"rig": str(rig.path), "when": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    try:
+        rig.preflight()
+        bench = Bench(rig, out.parent / "consoles")
+        try:
+            cart = bench.cart(cart_id or rig.slots[0].cart_id)
+            results["cut_latency"] = cut_latency(cart, rig, cuts)
+            results["cut_latency_flood"] = cut_latency(cart, rig, cuts, flood=True)
+        finally:
+            bench.close()
+    finally:
+        if started:
+            stop_rack(started)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=2))
+    _print_cut(results["cut_latency"])
+    _print_cut(results["cut_latency_flood"])
+    print(f"\nwritten to {out}")
+    return 0
+
+
+def run_bench(rig_path: Path, *, out: Path, quick: bool = False, cuts: int = 50) -> int:
     from harness.cart import Bench
     from harness.rackctl import rack_state, start_rack, stop_rack
 
@@ -209,6 +359,8 @@ def run_bench(rig_path: Path, *, out: Path, quick: bool = False) -> int:
             results["console_line_latency"] = console_latency(first, 500 if quick else 2000)
             results["scpi_query_latency"] = scpi_latency(bench, rig, 200 if quick else 1000)
             results["power_on_to_banner"] = boot_times(bench, rig)
+            results["cut_latency"] = cut_latency(first, rig, min(cuts, 20) if quick else cuts)
+            results["cut_latency_flood"] = cut_latency(first, rig, min(cuts, 20) if quick else cuts, flood=True)
             from harness.ota import Fleet
 
             fleet = Fleet(rig, out.parent / "fleet")
@@ -224,6 +376,7 @@ def run_bench(rig_path: Path, *, out: Path, quick: bool = False) -> int:
             stop_rack(started)
     if not quick:
         results["smoke_suite"] = smoke_scaling(rig.path)
+        results["power_cut_sweep"] = sweep_figures(rig.path, out.parent)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=2))
     _print(results)
@@ -239,6 +392,9 @@ def _print(r: dict) -> None:
     print("power-on to banner / ready (s):")
     for cid, b in r["power_on_to_banner"].items():
         print(f"  {cid}: banner {b['banner_s']:.3f}  ready {b['ready_s']:.3f}  (expected {b['expected_s']})")
+    for key in ("cut_latency", "cut_latency_flood"):
+        if key in r:
+            _print_cut(r[key])
     if "device_event_to_harness" in r:
         m = r["device_event_to_harness"]
         print(f"device event -> harness median {m['median_us']:8.1f} us   p99 {m['p99_us']:8.1f} us   (n={m['n']}, "
@@ -255,8 +411,28 @@ def _print(r: dict) -> None:
               f"{u['one_cart_s']} s (ratio {u['ratio']}, target <= 2)")
         for cid, err in u["errors"].items():
             print(f"  ERROR {cid}: {err}")
+    if "power_cut_sweep" in r:
+        _print_sweep(r["power_cut_sweep"])
     if "smoke_suite" in r:
         s = r["smoke_suite"]
         print(f"smoke suite: one cart ({s['one_cart']}, the slowest to boot) {s['one_cart_s']} s, "
               f"ten carts in parallel {s['ten_carts_s']} s "
               f"(ratio {s['ratio']}, target <= 2)")
+
+
+def _print_cut(c: dict) -> None:
+    if "skipped" in c:
+        print(f"cut latency: not measured: {c['skipped']}")
+        return
+    e = c["device_event_to_supply_rx"]
+    print(f"cut latency, {c['event']}: device event -> supply received OFF  (n={e['n']}, {c['cart']} on "
+          f"{c['supply']}, sent via {'/'.join(c['paths'])}, events cut: {c['events_cut']})")
+    print(f"  {'end to end (outside the harness)':32s} median {e['median_us']:8.1f} us   p99 {e['p99_us']:8.1f} us"
+          f"   max {e['max_us']:8.1f} us   (target median <= {e['target_median_us']:.0f} us, "
+          f"p99 <= {e['target_p99_us']:.0f} us; {e['over_target_p99']} of {e['n']} over {e['target_p99_us']:.0f} us)")
+    for key, label in (("device_to_line_seen", "device -> console line seen"),
+                       ("line_seen_to_supply_rx", "line seen -> supply RX (the cut)"),
+                       ("line_seen_to_off_sent", "line seen -> send() returned"),
+                       ("off_sent_to_supply_rx", "send() returned -> supply RX")):
+        s = c[key]
+        print(f"  {label:32s} median {s['median_us']:8.1f} us   p99 {s['p99_us']:8.1f} us")

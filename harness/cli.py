@@ -1,6 +1,8 @@
 """`hil`: the cart-hil command.
 
-    hil gate [--rig R] [--cart ID]... [--tag T]... [-n N]    the release gate so far: smoke, signed update, rollback
+    hil gate [--rig R] [--cart ID]... [--tag T]... [-n N]    release gate: smoke, signed update, rollback, flash faults,
+                                                             power cuts (reduced sweep; --sweep full: all of it)
+    hil sweep [--rig R] [--cart ID]... [-n N] [--sweep M]     the power-cut suite alone, full sweep by default
     hil smoke [--rig R] [--cart ID]... [--tag T]... [-n N]   the rack smoke suite
     hil test [PYTEST ARGS]                                     lint + the project's own tests + the suites
     hil rig check RIG                                          validate a rig file and its carts
@@ -32,7 +34,9 @@ def _pytest(args: list[str]) -> int:
 
 SUITES = {
     "smoke": ["test_suites/test_rack_smoke.py"],
-    "gate": ["test_suites/test_rack_smoke.py", "test_suites/test_signed_update.py", "test_suites/test_rollback.py"],
+    "gate": ["test_suites/test_rack_smoke.py", "test_suites/test_signed_update.py", "test_suites/test_rollback.py",
+             "test_suites/test_flash_faults.py", "test_suites/test_power_cut.py"],
+    "sweep": ["test_suites/test_power_cut.py"],
 }
 
 
@@ -49,7 +53,8 @@ def cmd_smoke(a: argparse.Namespace) -> int:
         return _refuse(f"cannot write reports in {out}: {why}")
     args = [*SUITES[a.cmd], "--rig", str(rig.path), "-n", str(n),
             f"--junitxml={out / 'junit.xml'}", f"--alluredir={out / 'allure-results'}", "-q",
-            "-p", "no:hypothesispytest"]  # a dev-only plugin the suites never use
+            "-p", "no:hypothesispytest",  # a dev-only plugin the suites never use
+            "--sweep", a.sweep]
     for c in a.cart:
         args += ["--cart", c]
     for t in a.tag:
@@ -88,22 +93,33 @@ def cmd_rack_up(a: argparse.Namespace) -> int:
 
 
 def cmd_bench(a: argparse.Namespace) -> int:
-    from harness.bench import run_bench
+    from harness.bench import run_bench, run_cut_bench, run_sweep_bench
 
-    return run_bench(a.rig, out=a.out, quick=a.quick)
+    if a.only == "sweep":
+        return run_sweep_bench(a.rig, out=a.out, carts=a.sweep_cart or None, mode=a.sweep)
+    if a.only == "cut":
+        return run_cut_bench(a.rig, out=a.out, cuts=a.cuts)
+    return run_bench(a.rig, out=a.out, quick=a.quick, cuts=a.cuts)
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="hil", description="cart-hil: hardware-in-the-loop OTA release gate")
     sub = ap.add_subparsers(dest="cmd", required=True)
 
-    for name, text in (("gate", "the release gate so far: smoke, signed update and rollback suites"),
-                       ("smoke", "run the rack smoke suite on the selected carts")):
+    for name, text, sweep in (
+            ("gate", "the release gate so far: smoke, signed update, rollback, flash-fault and power-cut suites",
+             "reduced"),
+            ("smoke", "run the rack smoke suite on the selected carts", "reduced"),
+            ("sweep", "the power-cut suite alone (test_suites/test_power_cut.py): the full sweep by default",
+             "full")):
         s = sub.add_parser(name, help=text)
         s.add_argument("--rig", type=Path, default=DEFAULT_RIG)
         s.add_argument("--cart", action="append", default=[])
         s.add_argument("--tag", action="append", default=[])
         s.add_argument("-n", "--workers", type=int, default=0, help="parallel workers (default: one per cart)")
+        s.add_argument("--sweep", choices=["reduced", "full"], default=sweep,
+                       help=f"power-cut sweep: reduced (every 5th event, every boot-control write, 2 random cuts) "
+                            f"or full (every event, 10 random cuts); default {sweep}")
         s.add_argument("pytest_args", nargs=argparse.REMAINDER)
         s.set_defaults(fn=cmd_smoke)
 
@@ -127,6 +143,13 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--rig", type=Path, default=DEFAULT_RIG)
     b.add_argument("--out", type=Path, default=ROOT / "reports" / "bench" / "bench.json")
     b.add_argument("--quick", action="store_true", help="fewer samples, skip the smoke-suite scaling run")
+    b.add_argument("--cuts", type=int, default=50, help="power cuts for the cut latency figure (default 50)")
+    b.add_argument("--only", choices=["cut", "sweep"],
+                   help="measure only this figure (cut: event -> supply received OFF; sweep: the power-cut sweep's "
+                        "wall time and cut points per second)")
+    b.add_argument("--sweep-cart", action="append", default=[], metavar="ID",
+                   help="--only sweep: on this cart (repeatable; default every cart)")
+    b.add_argument("--sweep", choices=["reduced", "full"], default="full", help="--only sweep: which sweep (full)")
     b.set_defaults(fn=cmd_bench)
 
     from harness.pki import add_cli as add_pki_cli

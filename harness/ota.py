@@ -605,6 +605,14 @@ class UpdateRun:
         span("total", self.t_created, t["confirmed"] or t_end)
         return out
 
+    def close(self) -> None:
+        """For a run whose `wait` is not called (a power-cut sweep watches the cart itself): remove the
+        console listeners and end the execution if it is still pending. Idempotent."""
+        for h in self._listeners:
+            self.cart.console.remove_listener(h)
+        self._listeners = []
+        self._cleanup()
+
     def _cleanup(self) -> None:
         """Never leave an execution pending: it would queue the next test's job behind it."""
         with contextlib.suppress(Exception):

@@ -36,6 +36,10 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     g.addoption("--tag", action="append", default=[], metavar="TAG", help="run on carts with this tag (repeatable)")
     g.addoption("--hil-reports", default=None, metavar="DIR",
                 help="where runs write consoles and results (default: reports/ under the rootdir)")
+    g.addoption("--sweep", default=os.environ.get("HIL_SWEEP", "reduced"), choices=("reduced", "full"),
+                help="power-cut sweep (test_suites/test_power_cut.py): 'reduced' (the gate: every 5th event, "
+                     "every boot-control write, 2 random cuts) or 'full' (every event, 10 random cuts); "
+                     "default $HIL_SWEEP or reduced")
 
 
 def _is_worker(config: pytest.Config) -> bool:
@@ -57,7 +61,7 @@ def pytest_configure(config: pytest.Config) -> None:
             config.option.loadgroup = True
     else:
         run_id = time.strftime("%Y%m%d-%H%M%S-") + uuid.uuid4().hex[:6]
-        reports = Path(config.getoption("--hil-reports") or root / "reports")
+        reports = Path(config.getoption("--hil-reports") or root / "reports").absolute()  # builds run in the rig's dir
         run_dir = reports / "runs" / run_id
         owner = os.getpid()
         # every slot's tests on one worker: group by cart
