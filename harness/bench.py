@@ -24,6 +24,7 @@ Figures are printed and written as JSON; nothing here asserts a time.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -312,28 +313,34 @@ def cut_latency(cart, rig: Rig, count: int, *, flood: bool = False, nth: int = 2
             "off_sent_to_supply_rx": _stats_us(sent_to_rx)}
 
 
-def run_cut_bench(rig_path: Path, *, out: Path, cuts: int = 50, cart_id: str | None = None) -> int:
-    """Only the cut latency (`hil bench --only cut`)."""
+@contextlib.contextmanager
+def _bench_on(rig: Rig, out: Path):
+    """The rig's bench (supplies and consoles), with the virtual rack started for it if none is up;
+    everything closed (and the rack stopped if it was started here) afterwards."""
     from harness.cart import Bench
     from harness.rackctl import rack_state, start_rack, stop_rack
 
-    rig = Rig.load(rig_path)
-    started = None
-    if rig.is_virtual and rack_state(rig) is None:
-        started = start_rack(rig, owner_pid=os.getpid())
-    results: dict = {"rig": str(rig.path), "when": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    started = start_rack(rig, owner_pid=os.getpid()) if rig.is_virtual and rack_state(rig) is None else None
     try:
         rig.preflight()
         bench = Bench(rig, out.parent / "consoles")
         try:
-            cart = bench.cart(cart_id or rig.slots[0].cart_id)
-            results["cut_latency"] = cut_latency(cart, rig, cuts)
-            results["cut_latency_flood"] = cut_latency(cart, rig, cuts, flood=True)
+            yield bench
         finally:
             bench.close()
     finally:
         if started:
             stop_rack(started)
+
+
+def run_cut_bench(rig_path: Path, *, out: Path, cuts: int = 50, cart_id: str | None = None) -> int:
+    """Only the cut latency (`hil bench --only cut`)."""
+    rig = Rig.load(rig_path)
+    results: dict = {"rig": str(rig.path), "when": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    with _bench_on(rig, out) as bench:
+        cart = bench.cart(cart_id or rig.slots[0].cart_id)
+        results["cut_latency"] = cut_latency(cart, rig, cuts)
+        results["cut_latency_flood"] = cut_latency(cart, rig, cuts, flood=True)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=2))
     _print_cut(results["cut_latency"])
@@ -343,37 +350,23 @@ def run_cut_bench(rig_path: Path, *, out: Path, cuts: int = 50, cart_id: str | N
 
 
 def run_bench(rig_path: Path, *, out: Path, quick: bool = False, cuts: int = 50) -> int:
-    from harness.cart import Bench
-    from harness.rackctl import rack_state, start_rack, stop_rack
-
     rig = Rig.load(rig_path)
-    started = None
-    if rig.is_virtual and rack_state(rig) is None:
-        started = start_rack(rig, owner_pid=os.getpid())
     results: dict = {"rig": str(rig.path), "when": time.strftime("%Y-%m-%dT%H:%M:%S")}
-    try:
-        rig.preflight()
-        bench = Bench(rig, out.parent / "consoles")
-        try:
-            first = bench.cart(rig.slots[0].cart_id)
-            results["console_line_latency"] = console_latency(first, 500 if quick else 2000)
-            results["scpi_query_latency"] = scpi_latency(bench, rig, 200 if quick else 1000)
-            results["power_on_to_banner"] = boot_times(bench, rig)
-            results["cut_latency"] = cut_latency(first, rig, min(cuts, 20) if quick else cuts)
-            results["cut_latency_flood"] = cut_latency(first, rig, min(cuts, 20) if quick else cuts, flood=True)
-            from harness.ota import Fleet
+    with _bench_on(rig, out) as bench:
+        first = bench.cart(rig.slots[0].cart_id)
+        results["console_line_latency"] = console_latency(first, 500 if quick else 2000)
+        results["scpi_query_latency"] = scpi_latency(bench, rig, 200 if quick else 1000)
+        results["power_on_to_banner"] = boot_times(bench, rig)
+        results["cut_latency"] = cut_latency(first, rig, min(cuts, 20) if quick else cuts)
+        results["cut_latency_flood"] = cut_latency(first, rig, min(cuts, 20) if quick else cuts, flood=True)
+        from harness.ota import Fleet
 
-            fleet = Fleet(rig, out.parent / "fleet")
-            try:
-                results["device_event_to_harness"] = mqtt_latency(first, fleet, 300 if quick else 1000)
-                results["ota_update"] = update_timings(bench, rig, fleet, out.parent)
-            finally:
-                fleet.close()
+        fleet = Fleet(rig, out.parent / "fleet")
+        try:
+            results["device_event_to_harness"] = mqtt_latency(first, fleet, 300 if quick else 1000)
+            results["ota_update"] = update_timings(bench, rig, fleet, out.parent)
         finally:
-            bench.close()
-    finally:
-        if started:
-            stop_rack(started)
+            fleet.close()
     if not quick:
         results["smoke_suite"] = smoke_scaling(rig.path)
         results["power_cut_sweep"] = sweep_figures(rig.path, out.parent)
