@@ -196,3 +196,29 @@ def test_rack_that_will_not_start_is_one_line_and_exit_2(pytester, rig_factory, 
     out = res.stdout.str() + res.stderr.str()
     assert "crashed" not in out and " passed" not in out, out
     assert time.monotonic() - t0 < 60
+
+
+# ---------------------------------------------------------------- a console log that stops mid-run
+
+CONSOLE_LOG_FILLS = """
+import os
+
+def test_a_disk_fills_under_the_console_log(cart):
+    cart.power_on()
+    full = os.open("/dev/full", os.O_WRONLY)       # the log's file from now on: a real ENOSPC on write
+    os.dup2(full, cart.console._log.fileno())
+    os.close(full)
+    cart.power_off()
+    cart.power_on()                                 # boot lines arrive, their log write fails
+
+def test_never_runs(cart):
+    open(os.path.join({marks!r}, "ran"), "w").close()
+"""
+
+
+def test_console_log_that_cannot_be_written_stops_the_run_with_one_line(pytester, rig_factory, marks):
+    rig_path = rig_factory(["cart-01"])
+    pytester.makepyfile(test_carts=CONSOLE_LOG_FILLS.format(marks=str(marks)))
+    res = _run(pytester, "--rig", str(rig_path), "--hil-reports", str(pytester.path / "reports"))
+    _one_clean_line(res, "*hil: cannot write */consoles/*cart-01*.log: No space left on device — run stopped*")
+    assert not (marks / "ran").exists()
