@@ -5,7 +5,7 @@ that slots and boot control agree with what runs, that the job ends or resumes, 
 converges, and that every rollback is counted once (harness/sweep.py).
 
 `--sweep reduced` (the gate's default): every 5th event, every boot-control write, 2 random cuts.
-`--sweep full` (or HIL_SWEEP=full; `hil gate --sweep-full`): every event, 10 random cuts.
+`--sweep full` (or HIL_SWEEP=full; `hil gate --sweep full`, `hil sweep`): every event, 10 random cuts.
 
 A sweep that cannot fail proves nothing: each seeded fault build must fail it, the failure naming the
 event at which the invariant broke. The sweep's table and image go to the Allure result and to
