@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -399,3 +400,30 @@ def test_qos1_latency(broker, conns, capsys):
             f"\nQoS1 publish->receive over TLS, {n} msgs, one at a time: median {statistics.median(lat_us):.0f} us,"
             f" p99 {lat_us[int(0.99 * n) - 1]:.0f} us, max {lat_us[-1]:.0f} us"
         )
+
+
+def test_mosquitto_dies_with_the_process_that_started_it_even_by_sigkill(tmp_path):
+    """A rack (or test) killed outright cannot run its teardown: its mosquitto must not outlive it."""
+    import select
+    import subprocess
+    import sys
+
+    script = ("import sys, time\nfrom vrack.broker import Broker, free_port\n"
+              f"b = Broker({str(tmp_path / 'rack')!r}, free_port(), ['harness'])\n"
+              "b.start()\nprint(b.pid, flush=True)\ntime.sleep(120)\n")
+    owner = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    try:
+        ready, _, _ = select.select([owner.stdout], [], [], 30)
+        assert ready, "the broker did not start within 30 s"
+        mosquitto = int(owner.stdout.readline())
+        fd = os.pidfd_open(mosquitto)
+    finally:
+        owner.kill()
+        owner.wait(10)
+    try:
+        gone, _, _ = select.select([fd], [], [], 10)
+        assert gone, f"mosquitto {mosquitto} still runs 10 s after the process that started it was SIGKILLed"
+    finally:
+        os.close(fd)
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(mosquitto, signal.SIGKILL)

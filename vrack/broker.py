@@ -30,6 +30,7 @@ This module must not import ``harness``.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import datetime as dt
 import errno
 import fcntl
@@ -43,9 +44,10 @@ import signal
 import socket
 import ssl
 import subprocess
+import threading
 import time
 import weakref
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 from cryptography import x509
@@ -490,6 +492,27 @@ def _port_free(host: str, port: int) -> bool:
     return True
 
 
+_PR_SET_PDEATHSIG = 1
+try:
+    _prctl = ctypes.CDLL(None, use_errno=True).prctl  # looked up before any fork: the child only calls it
+except (OSError, AttributeError):  # not Linux
+    _prctl = None
+
+
+def _die_with_parent(parent: int) -> Callable[[], None] | None:
+    """A preexec_fn: the child gets SIGTERM when `parent` (the thread that starts it) dies, even by
+    SIGKILL, so a rack or test process killed outright does not leave its mosquitto behind."""
+    if _prctl is None or threading.current_thread() is not threading.main_thread():
+        return None  # the signal follows the starting *thread*: only the main thread lives as long as the process
+
+    def preexec() -> None:
+        _prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+        if os.getppid() != parent:  # the parent died before the line above
+            os._exit(1)
+
+    return preexec
+
+
 def _kill_group(proc: subprocess.Popen) -> None:
     """Last resort (garbage collection / interpreter exit): never leave mosquitto behind."""
     if proc.poll() is None:
@@ -636,6 +659,7 @@ acl_file {d / "mosquitto.acl"}
                     stderr=log,
                     start_new_session=True,  # own session and process group
                     close_fds=True,
+                    preexec_fn=_die_with_parent(os.getpid()),
                 )
             except OSError as e:
                 raise BrokerError(f"cannot run mosquitto {exe!r}: {e}") from e

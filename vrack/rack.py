@@ -614,24 +614,32 @@ class Rack:
         tmp.replace(self.state_file)
 
     def down(self) -> None:
-        if self.control is not None:
-            self.control.stop()
-            self.control = None
+        """Stop everything the rack started. Every step runs even when an earlier one failed (the failure
+        is reported on stderr), so no cart, pty or broker outlives the rack."""
+        def step(what: str, fn) -> None:
+            try:
+                fn()
+            except Exception as exc:  # noqa: BLE001 - reported, and the next steps still run
+                print(f"vrack: stopping {what} failed: {exc!r}", file=sys.stderr, flush=True)
+
+        control, self.control = self.control, None
+        if control is not None:
+            step("the control interface", control.stop)
         for psu in self.supplies:
-            psu.stop()
+            step(f"supply {psu.name}", psu.stop)
         self.supplies.clear()
-        if self.rx_log is not None:
-            self.rx_log.close()
-            self.rx_log = None
-        for sock in self.sockets.values():
-            sock.power(False)
+        rx_log, self.rx_log = self.rx_log, None
+        if rx_log is not None:
+            step("the supply RX log", rx_log.close)
+        for (supply, channel), sock in self.sockets.items():
+            step(f"the cart on {supply} channel {channel}", lambda sock=sock: sock.power(False))
         self.sockets.clear()
         for cable in self.cables:
-            cable.close()
+            step(f"console {cable.link}", cable.close)
         self.cables.clear()
-        if self.broker:
-            self.broker.stop()
-            self.broker = None
+        broker, self.broker = self.broker, None
+        if broker:
+            step("the broker", broker.stop)
         try:
             if json.loads(self.state_file.read_text()).get("pid") == os.getpid():
                 self.state_file.unlink()
