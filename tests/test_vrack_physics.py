@@ -5,6 +5,7 @@ survives them, the reset-cause register, and flash faults set through the rack's
 from __future__ import annotations
 
 import base64
+import contextlib
 import ctypes
 import hashlib
 import http.client
@@ -432,3 +433,46 @@ def test_control_interface_is_published_and_closed_with_the_rack(tmp_path):
         stop_rack(pid)
     with pytest.raises(urllib.error.URLError):
         urllib.request.urlopen(f"{control}/slots/1/flash-faults", timeout=5)
+
+
+def test_carts_lose_power_when_the_rack_is_killed_outright(rig_factory):
+    """SIGKILL of the rack (its supplies) is a power loss: no cart process outlives it."""
+    import select
+    import signal
+
+    from harness.cart import Bench
+    from harness.config import Rig
+    from harness.power.base import PowerError
+    from harness.rackctl import start_rack, stop_rack
+
+    rig = Rig.load(rig_factory(["cart-01", "cart-02"]))
+    pid = start_rack(rig, owner_pid=os.getpid())
+    bench = Bench(rig, rig.run_dir / "consoles")
+    try:
+        for cart_id in ("cart-01", "cart-02"):
+            bench.cart(cart_id).power_on()
+        carts = [int(p) for p in os.listdir("/proc") if p.isdigit() and _is_cart_of(int(p), rig.run_dir)]
+        assert len(carts) == 2, carts
+        fds = [os.pidfd_open(p) for p in carts]
+        os.kill(pid, signal.SIGKILL)
+        gone = set()
+        deadline = time.monotonic() + 10
+        while len(gone) < len(fds) and time.monotonic() < deadline:
+            ready, _, _ = select.select([f for f in fds if f not in gone], [], [], deadline - time.monotonic())
+            gone.update(ready)
+        assert len(gone) == len(fds), "a cart process still runs 10 s after its rack was SIGKILLed"
+        for f in fds:
+            os.close(f)
+    finally:
+        with contextlib.suppress(PowerError):  # its supplies are gone with the rack: nothing to switch off
+            bench.close()
+        stop_rack(pid)
+
+
+def _is_cart_of(pid: int, run_dir) -> bool:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            cmd = f.read().split(b"\0")
+    except OSError:
+        return False
+    return b"vrack.cart" in cmd and any(str(run_dir).encode() in part for part in cmd)

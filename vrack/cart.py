@@ -273,8 +273,29 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def lose_power_with_the_supply() -> None:
+    """The process that started this cart (the rack: its supply) going away, even by SIGKILL, is a power
+    loss: the cart process ends at once, as a board does when its supply dies. Event-driven (a pidfd)."""
+    parent = os.getppid()
+    if parent == 1:  # started by init itself: nothing to watch
+        return
+    try:
+        fd = os.pidfd_open(parent)
+    except (OSError, AttributeError):  # not Linux >= 5.3: nothing to watch with
+        return
+    if os.getppid() != parent:  # orphaned before the pidfd was open
+        os._exit(137)
+
+    def watch() -> None:
+        select.select([fd], [], [])
+        os._exit(137)
+
+    threading.Thread(target=watch, name="supply-watch", daemon=True).start()
+
+
 def main(argv: list[str] | None = None) -> int:
     power_on = power_on_time()
+    lose_power_with_the_supply()
     cause = reset_cause()
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
