@@ -1,14 +1,19 @@
-"""The lab PKI: root CAs, intermediates and code-signing keys for signed images.
+"""The lab PKI: root CAs, intermediates, code-signing keys (images, trust bundles), time-stamping keys.
 
     LabPki(dir).init()          create what is missing, keep what is there (idempotent)
     LabPki(dir).cert(name)      an x509.Certificate
     LabPki(dir).chain(signer)   [leaf, intermediate]: what goes into an image (never the root)
     LabPki(dir).key(name)       a private key, refused if its file is open to group or others
     LabPki(dir).root_pem(name)  a root's PEM, for a cart's trust store
+    LabPki(dir).issue_signer(root, not_before, not_after)
+                                (key, [leaf, intermediate]): a throw-away code-signing leaf with
+                                that validity (clock scenarios), never written to the directory
 
-Layout (all ECDSA P-256): the roots "lab-root-2025" (old), "lab-root-2026" (new) and the
-untrusted "rogue-root"; under each an intermediate "<root>-int" and under that a
-code-signing leaf "<root>-signer" (EKU codeSigning, key usage digitalSignature).
+Layout (all ECDSA P-256): the roots "lab-root-2025" (old), "lab-root-2026" (new),
+"lab-root-2027" (the next rotation, which no cart configuration has) and the untrusted "rogue-root"; under each an intermediate "<root>-int" and under that a
+code-signing leaf "<root>-signer" (EKU codeSigning, key usage digitalSignature) and a
+time-stamping leaf "<root>-time" (EKU timeStamping, key usage digitalSignature) that signs
+the time service's answers. `init()` adds leaves a newer layout has to an existing directory.
 
 Files in the directory: `<name>.pem` (certificate) and `<name>.key` (PKCS#8 private key,
 unencrypted, created with mode 0600 through os.open so it is never readable by others even
@@ -44,9 +49,12 @@ DEFAULT_DIR = ROOT / "reports" / "pki"
 
 ROOT_OLD = "lab-root-2025"
 ROOT_NEW = "lab-root-2026"
+ROOT_NEXT = "lab-root-2027"  # the next rotation: no cart configuration has it; the CA-rotation suite delivers it
 ROGUE_ROOT = "rogue-root"
 TRUSTED_ROOTS = (ROOT_OLD, ROOT_NEW)
-ROOTS = (ROOT_OLD, ROOT_NEW, ROGUE_ROOT)
+SERVICE_ROOTS = (ROOT_OLD, ROOT_NEW, ROOT_NEXT)  # the lab's services (time) sign under each of these
+ROOTS = (ROOT_OLD, ROOT_NEW, ROOT_NEXT, ROGUE_ROOT)
+VECTOR_ROOTS = (ROOT_OLD, ROOT_NEW, ROGUE_ROOT)  # the published vectors' fixed PKI (serials follow this order)
 
 NOT_BEFORE = dt.datetime(2024, 1, 1, tzinfo=dt.UTC)
 NOT_AFTER = dt.datetime(2049, 12, 31, 23, 59, 59, tzinfo=dt.UTC)
@@ -63,6 +71,10 @@ def signer_of(root: str) -> str:
     return f"{root}-signer"
 
 
+def time_signer_of(root: str) -> str:
+    return f"{root}-time"
+
+
 class PkiError(Exception):
     """Something in the PKI directory is missing or wrong; the message names the file."""
 
@@ -74,7 +86,7 @@ class KeyPermissionError(PkiError, PermissionError):
 @dataclass(frozen=True)
 class CertSpec:
     name: str
-    kind: str  # root | intermediate | signer
+    kind: str  # root | intermediate | signer | time
     issuer: str | None  # None for a root (self-signed)
     eku: tuple[x509.ObjectIdentifier, ...] = ()
 
@@ -85,6 +97,8 @@ def layout(roots: Iterable[str] = ROOTS) -> list[CertSpec]:
     specs = [CertSpec(r, "root", None) for r in roots]
     specs += [CertSpec(intermediate_of(r), "intermediate", r) for r in roots]
     specs += [CertSpec(signer_of(r), "signer", intermediate_of(r), (ExtendedKeyUsageOID.CODE_SIGNING,))
+              for r in roots]
+    specs += [CertSpec(time_signer_of(r), "time", intermediate_of(r), (ExtendedKeyUsageOID.TIME_STAMPING,))
               for r in roots]
     return specs
 
@@ -103,7 +117,7 @@ def issue(spec: CertSpec, public_key: ec.EllipticCurvePublicKey, *, issuer_key: 
     """One certificate of `spec` for `public_key`, signed by `issuer_key` (a root: its own key).
 
     Roots and intermediates are CAs (basicConstraints critical, keyCertSign|cRLSign, no EKU);
-    a signer is an end entity with digitalSignature and `spec.eku`. `deterministic` uses
+    a signer or time leaf is an end entity with digitalSignature and `spec.eku`. `deterministic` uses
     RFC 6979 signatures, so fixed keys and serials give byte-identical certificates."""
     org = "rogue" if ROGUE_ROOT in spec.name else ORGANIZATION
     subject = x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, org),
@@ -310,6 +324,24 @@ class LabPki:
             raise PkiError(f"{name} is not a root CA")
         return self.cert(name).public_bytes(serialization.Encoding.PEM).decode("ascii")
 
+    def issue_signer(self, root: str, not_before: dt.datetime | int, not_after: dt.datetime | int,
+                     ) -> tuple[ec.EllipticCurvePrivateKey, list[x509.Certificate]]:
+        """(key, [leaf, intermediate]): a fresh code-signing leaf under `<root>-int`, valid from
+        `not_before` to `not_after` (aware datetimes or epoch seconds), for images and bundles
+        whose *signer* is not yet or no longer valid. Kept in memory only, never stored."""
+        if self._check_name(root).kind != "root":
+            raise PkiError(f"{root} is not a root CA")
+        start, end = _as_datetime(not_before, "not_before"), _as_datetime(not_after, "not_after")
+        if end <= start:
+            raise ValueError(f"not_after {end.isoformat()} is not after not_before {start.isoformat()}")
+        inter = intermediate_of(root)
+        key = new_key()
+        spec = CertSpec(f"{signer_of(root)}-ephemeral", "signer", inter, (ExtendedKeyUsageOID.CODE_SIGNING,))
+        inter_cert = self.cert(inter)
+        leaf = issue(spec, key.public_key(), issuer_key=self.key(inter), issuer_cert=inter_cert,
+                     not_before=start, not_after=end)
+        return key, [leaf, inter_cert]
+
     def trust_store(self, roots: Iterable[str] = TRUSTED_ROOTS) -> dict[str, str]:
         """{root name: PEM}: the shape of a cart's trust store."""
         return {r: self.root_pem(r) for r in roots}
@@ -335,6 +367,16 @@ class LabPki:
             row["key_mode"] = f"{stat.S_IMODE(kpath.stat().st_mode):04o}" if kpath.exists() else None
             rows.append(row)
         return rows
+
+
+def _as_datetime(value: dt.datetime | int, name: str) -> dt.datetime:
+    if isinstance(value, dt.datetime):
+        if value.tzinfo is None:
+            raise ValueError(f"{name} {value!r} has no time zone (give an aware datetime or epoch seconds)")
+        return value.astimezone(dt.UTC)
+    if type(value) is int and 0 <= value < 253402300800:
+        return dt.datetime.fromtimestamp(value, dt.UTC)
+    raise ValueError(f"{name} {value!r}: an aware datetime or epoch seconds")
 
 
 def _write_text(path: Path, text: str) -> None:

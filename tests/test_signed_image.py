@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import datetime as dt
 import hashlib
 import json
 import logging
@@ -50,7 +51,8 @@ def _verify_vector(entry: dict, data: bytes | None = None) -> ota_verify.Verdict
     return ota_verify.verify_update(
         (VECTORS / entry["file"]).read_bytes() if data is None else data,
         trust_store_pems={n: pems[n] for n in ctx["trust_store"]}, hardware_revision=ctx["hardware_revision"],
-        running_version=ctx["running_version"], now=ctx["now"], security_counter=ctx["security_counter"])
+        running_version=ctx["running_version"], now=ctx["now"], security_counter=ctx["security_counter"],
+        ca_until=ctx.get("ca_until"))
 
 
 def _strict(data, **kw) -> ota_verify.Verdict:
@@ -88,11 +90,13 @@ def test_vectors_cover_every_reason_and_defect():
     for required in ("valid.img", "unsigned.img", "untrusted-signer.img", "bad-signature.img", "payload-changed.img",
                      "manifest-changed.img", "wrong-hardware.img", "same-version.img", "lower-version.img",
                      "size-mismatch.img", "hash-mismatch.img", "truncated.img", "expired.img", "not-yet-valid.img",
-                     "missing-ca.img", "no-codesigning-eku.img"):
+                     "missing-ca.img", "no-codesigning-eku.img", "ca-retired.img", "signer-not-yet-valid.img",
+                     "signer-expired.img"):
         assert required in files
     for v in doc["vectors"]:
         assert v["ok"] == (v["reason"] == "ok")
         assert set(v["context"]["trust_store"]) <= set(doc["roots"])
+        assert set(v["context"].get("ca_until", {})) <= set(v["context"]["trust_store"])
 
 
 @pytest.mark.parametrize("entry", _doc()["vectors"], ids=lambda e: e["file"])
@@ -108,7 +112,8 @@ def test_device_verifier_matches_vector(entry):
     assert _strict(data, trust_store_pems={n: _root_pems()[n] for n in entry["context"]["trust_store"]},
                    hardware_revision=entry["context"]["hardware_revision"],
                    running_version=entry["context"]["running_version"],
-                   security_counter=entry["context"]["security_counter"]) == verdict
+                   security_counter=entry["context"]["security_counter"],
+                   ca_until=entry["context"].get("ca_until")) == verdict
 
 
 _UNREADABLE = {"malformed: bad size", "malformed: bad magic", "malformed: bad tlv"}
@@ -237,8 +242,62 @@ def test_policy_checks_and_boundaries(lab):
     assert _check(lab, img, now=NOW + 86400).reason == "expired"  # expires is exclusive
     assert _check(lab, img, security_counter=3).ok
     assert _check(lab, img, security_counter=4).reason == "security counter"
-    # the chain is validated at `now`: beyond the certificates' validity nothing is trusted
-    assert _check(lab, img, now=int(pki.NOT_AFTER.timestamp()) + 1).reason == "untrusted signer"
+    # the chain is validated at `now`: outside the certificates' validity the signer is refused, and
+    # the verdict says which way the clock is off
+    assert _check(lab, img, now=int(pki.NOT_AFTER.timestamp())).reason == "expired"  # the manifest's
+    assert _check(lab, img, now=int(pki.NOT_AFTER.timestamp()) + 1).reason == "signer expired"
+    assert _check(lab, img, now=int(pki.NOT_BEFORE.timestamp()) - 1).reason == "signer not yet valid"
+
+
+def test_retired_roots(lab):
+    img = _build(lab)
+    assert _check(lab, img, ca_until={pki.ROOT_OLD: NOW + 1}).ok
+    assert _check(lab, img, ca_until={pki.ROOT_OLD: NOW}).reason == "ca retired"  # from `until` on
+    assert _check(lab, img, ca_until={pki.ROOT_OLD: 0}).reason == "ca retired"
+    assert _check(lab, img, ca_until={pki.ROOT_NEW: 0}).ok  # another root's retirement changes nothing
+    # "missing ca" still comes first: a retired root that is not in the store is missing
+    assert _check(lab, img, roots=[pki.ROOT_NEW], ca_until={pki.ROOT_OLD: 0}).reason == "missing ca"
+    # a retirement that is not an epoch second is refused, not read as "never"
+    for bad in ({pki.ROOT_OLD: "soon"}, {pki.ROOT_OLD: -1}, {pki.ROOT_OLD: True}, {pki.ROOT_OLD: 1.5}, [1], "x"):
+        assert _check(lab, img, ca_until=bad).reason == "malformed: ca until", bad
+
+
+def test_signer_validity_against_the_clock(lab):
+    """issue_signer: a leaf valid for one window; the verdict says where `now` is against it."""
+    key, chain = lab.issue_signer(pki.ROOT_OLD, NOW - 3600, NOW + 3600)
+    img = _build(lab, signer_key=key, chain=chain, issued=NOW - 7200, expires=NOW + 7200)
+    assert _check(lab, img).ok
+    assert _check(lab, img, now=NOW - 3601).reason == "signer not yet valid"
+    assert _check(lab, img, now=NOW - 3600).ok and _check(lab, img, now=NOW + 3600).ok  # inclusive both ends
+    assert _check(lab, img, now=NOW + 3601).reason == "signer expired"
+    # the leaf is not stored: the directory still has exactly the layout's files
+    assert {p.stem for p in lab.dir.glob("*.pem")} == {s.name for s in pki.layout()}
+    # a leaf outside its issuer's validity never validates: that is not the clock, it is the chain
+    far = int(pki.NOT_AFTER.timestamp()) + 86400
+    key, chain = lab.issue_signer(pki.ROOT_OLD, far, far + 3600)
+    img = _build(lab, signer_key=key, chain=chain, issued=far, expires=far + 3600)
+    assert _check(lab, img, now=far + 60).reason == "untrusted signer"
+    assert _check(lab, img).reason == "untrusted signer"
+    # a rogue-root leaf stays untrusted whatever the clock
+    key, chain = lab.issue_signer(pki.ROGUE_ROOT, NOW + 3600, NOW + 7200)
+    assert _check(lab, _build(lab, signer_key=key, chain=chain)).reason == "untrusted signer"
+
+
+def test_issue_signer_refuses_bad_input(lab):
+    with pytest.raises(pki.PkiError):
+        lab.issue_signer(pki.signer_of(pki.ROOT_OLD), NOW, NOW + 1)
+    with pytest.raises(pki.PkiError):
+        lab.issue_signer("no-such-root", NOW, NOW + 1)
+    for start, end in ((NOW, NOW), (NOW, NOW - 1), ("today", NOW), (NOW, -1),
+                       (dt.datetime(2026, 1, 1), NOW)):  # naive datetime
+        with pytest.raises(ValueError):
+            lab.issue_signer(pki.ROOT_OLD, start, end)
+    key, (leaf, inter) = lab.issue_signer(pki.ROOT_NEW, dt.datetime(2026, 1, 1, tzinfo=dt.UTC), NOW)
+    assert leaf.not_valid_before_utc == dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
+    assert int(leaf.not_valid_after_utc.timestamp()) == NOW
+    assert inter == lab.cert(pki.intermediate_of(pki.ROOT_NEW))
+    assert list(leaf.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value) == [
+        ExtendedKeyUsageOID.CODE_SIGNING]
 
 
 def test_version_precedence():
@@ -434,20 +493,42 @@ def test_pki_init_layout_modes_and_idempotence(tmp_path):
     again = lab.init()
     assert again["lab-root-2026-int"] == "reissued" and again["lab-root-2026-signer"] == "reissued"
     assert again["lab-root-2026"] == "kept" and again["lab-root-2025-signer"] == "kept"
+    assert again["lab-root-2026-time"] == "reissued"
     leaf, inter = lab.chain("lab-root-2026-signer")
     leaf.verify_directly_issued_by(inter)
     inter.verify_directly_issued_by(lab.cert("lab-root-2026"))
+    lab.chain("lab-root-2026-time")[0].verify_directly_issued_by(inter)
+
+
+def test_pki_init_adds_the_time_leaves_to_an_older_directory(tmp_path):
+    d = tmp_path / "pki"
+    older = pki.LabPki(d, specs=[s for s in pki.layout() if s.kind != "time"])  # the layout before time leaves
+    assert set(older.init().values()) == {"created"}
+    before = {p.name: p.read_bytes() for p in d.iterdir()}
+    status = pki.LabPki(d).init()
+    added = {pki.time_signer_of(r) for r in pki.ROOTS}
+    assert {n for n, what in status.items() if what == "created"} == added
+    assert {n for n, what in status.items() if what == "kept"} == set(status) - added
+    assert all(d.joinpath(name).read_bytes() == data for name, data in before.items())  # nothing else touched
+    for root in pki.ROOTS:
+        leaf, inter = pki.LabPki(d).chain(pki.time_signer_of(root))
+        leaf.verify_directly_issued_by(inter)
+        assert stat.S_IMODE((d / f"{pki.time_signer_of(root)}.key").stat().st_mode) == 0o600
+    assert set(pki.LabPki(d).init().values()) == {"kept"}
 
 
 def test_pki_certificates(lab):
     for root in pki.ROOTS:
-        leaf, inter = lab.chain(pki.signer_of(root))
-        assert lab.root_of(leaf.subject.get_attributes_for_oid(x509.NameOID.COMMON_NAME)[0].value) == root
-        eku = leaf.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
-        assert list(eku) == [ExtendedKeyUsageOID.CODE_SIGNING]
-        assert leaf.extensions.get_extension_for_class(x509.KeyUsage).value.digital_signature
-        assert not leaf.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
-        assert inter.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
+        for name, usage in ((pki.signer_of(root), ExtendedKeyUsageOID.CODE_SIGNING),
+                            (pki.time_signer_of(root), ExtendedKeyUsageOID.TIME_STAMPING)):
+            leaf, inter = lab.chain(name)
+            assert lab.root_of(leaf.subject.get_attributes_for_oid(x509.NameOID.COMMON_NAME)[0].value) == root
+            eku = leaf.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+            assert list(eku) == [usage]
+            assert leaf.extensions.get_extension_for_class(x509.KeyUsage).value.digital_signature
+            assert not leaf.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
+            assert inter.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
+            assert inter == lab.cert(pki.intermediate_of(root))
         assert lab.root_pem(root).startswith("-----BEGIN CERTIFICATE-----")
     with pytest.raises(pki.PkiError):
         lab.root_pem(pki.signer_of(pki.ROOT_OLD))
@@ -495,6 +576,8 @@ def test_hil_pki_never_prints_a_private_key(tmp_path, capsys, caplog):
         cap = capsys.readouterr()
         outputs += [cap.out, cap.err]
     assert "lab-root-2025-signer" in outputs[4] and "key=0600" in outputs[4]
+    time_rows = [line for line in outputs[4].splitlines() if line.startswith("lab-root-2026-time ")]
+    assert len(time_rows) == 1 and " time " in time_rows[0] and "eku=timeStamping" in time_rows[0], outputs[4]
     os.chmod(d / "rogue-root.key", 0o644)
     a = ap.parse_args(["pki", "init", "--dir", str(d)])
     assert a.fn(a) == 2
@@ -531,7 +614,8 @@ def _imports(path: Path) -> set[str]:
 
 
 def test_harness_and_device_code_do_not_import_each_other():
-    assert "vrack" not in _imports(ROOT / "harness" / "pki.py") | _imports(ROOT / "harness" / "image.py")
+    assert "vrack" not in (_imports(ROOT / "harness" / "pki.py") | _imports(ROOT / "harness" / "image.py")
+                           | _imports(ROOT / "harness" / "fleet" / "timesvc.py"))
     # the verifier can be carried by a firmware payload: standard library and cryptography only
     device = _imports(ROOT / "vrack" / "ota_verify.py")
     assert not device & {"vrack", "harness"}
