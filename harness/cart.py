@@ -8,6 +8,7 @@ reason instead of hammering a broken cart. The other carts go on.
 
 from __future__ import annotations
 
+import datetime as dt
 import enum
 import re
 import time
@@ -19,6 +20,9 @@ from harness.console import Console, ConsoleError, Shell
 from harness.power import ChannelPower, SupplyError, open_supply
 
 CONSOLE_UP_S = 10.0  # s, power-on waits this long for a lost console port to be reopened
+RTC_FORMAT = "%Y-%m-%dT%H:%M:%SZ"  # what `rtc get` prints and `rtc set` takes (UTC, whole seconds)
+RTC_TOLERANCE_S = 2.0  # an RTC just set reads back within this of what was sent
+TIME_SYNC_S = 15.0  # `time sync`: the device's tries (3 x 2 s) with headroom
 
 
 class CartState(enum.Enum):
@@ -66,6 +70,25 @@ class SlotStatus:
         fw = " ".join(f"{s}={v.get('fw', '?')}" for s, v in sorted(self.slots.items()))
         return (f"active={self.active} booted={self.booted} pending={self.pending or '-'} tries={self.tries} "
                 f"confirmed={'yes' if self.confirmed else 'no'} boots={self.boots} rollbacks={self.rollbacks} {fw}")
+
+
+@dataclass(frozen=True)
+class DeviceState:
+    """The device state region as the firmware reads it: the security counter (the lowest image
+    counter it still accepts) and the time floor (the latest server time it accepted, epoch s)."""
+
+    counter: int
+    floor: int
+
+
+@dataclass(frozen=True)
+class TimeSync:
+    """One `time sync` on the device: result ok (with the server time `t` it accepted), rejected
+    (with the reason) or unreachable."""
+
+    result: str
+    t: int | None
+    reason: str
 
 
 class Bench:
@@ -262,10 +285,67 @@ class Cart:
     def version(self) -> str:
         return self.query("version")["version"]
 
+    def _optional(self, key: str, what: str) -> None:
+        """A check that needs a command not every firmware family has: a clear error without it."""
+        if key not in self.profile.commands:
+            raise CartError(f"{self.id}: cannot {what}: the console profile of firmware family "
+                            f"{self.profile.family!r} has no {key!r} command (the check cannot run on this family)")
+
     def trust_store(self) -> dict[str, str]:
         """CA name -> SHA-256 of its certificate (DER) as the firmware reads its trust store ('-': no cert)."""
+        return {name: fp for name, (fp, _) in self.trust_entries().items()}
+
+    def trust_entries(self) -> dict[str, tuple[str, int | None]]:
+        """CA name -> (fingerprint, retired-from epoch second or None): the store with each root's end of
+        overlap (`until`), where the firmware reports one."""
         rx = re.compile(self.profile.commands["trust_list"].parse or "")
-        return {m["name"]: m["fp"] for m in map(rx.search, self.command("trust_list")) if m}
+        out: dict[str, tuple[str, int | None]] = {}
+        for m in map(rx.search, self.command("trust_list")):
+            if m:
+                until = m.groupdict().get("until")
+                out[m["name"]] = (m["fp"], int(until) if until else None)
+        return out
+
+    # ------------------------------------------------------------ clock, time, device state
+    def clock(self) -> dt.datetime:
+        """The cart's RTC (aware, UTC)."""
+        return self._rtc(self.query("rtc_get"), "rtc get")
+
+    def set_clock(self, when: dt.datetime) -> dt.datetime:
+        """Set the RTC to `when` (an aware datetime, whole seconds); returns what it reads back."""
+        if when.tzinfo is None:
+            raise ValueError(f"{self.id}: set_clock needs an aware datetime, got {when!r}")
+        text = when.astimezone(dt.UTC).strftime(RTC_FORMAT)
+        got = self._rtc(self.query("rtc_set", time=text), f"rtc set {text}")
+        if abs((got - when).total_seconds()) > RTC_TOLERANCE_S:
+            raise CartError(f"{self.id}: rtc set {text}: the RTC reads back {got.strftime(RTC_FORMAT)}")
+        return got
+
+    def skew_clock(self, seconds: float) -> dt.datetime:
+        """Put the RTC `seconds` off true UTC (+ ahead, - behind)."""
+        return self.set_clock(dt.datetime.now(dt.UTC) + dt.timedelta(seconds=round(seconds)))
+
+    def apply_drift(self) -> dt.datetime:
+        """Put the RTC where the configuration says this cart's clock is (`clock.drift_s` off UTC)."""
+        return self.skew_clock(self.config.clock.drift_s)
+
+    def _rtc(self, m: re.Match, what: str) -> dt.datetime:
+        try:
+            return dt.datetime.strptime(m["time"], RTC_FORMAT).replace(tzinfo=dt.UTC)
+        except ValueError:
+            raise CartError(f"{self.id}: {what}: {m['time']!r} is not a time like 2026-03-01T12:00:00Z") from None
+
+    def device_state(self) -> DeviceState:
+        """The security counter and time floor the firmware keeps in its device state region."""
+        self._optional("device_state", "read the device state")
+        m = self.query("device_state")
+        return DeviceState(int(m["counter"]), int(m["floor"]))
+
+    def time_sync(self) -> TimeSync:
+        """Ask the device to run one signed time exchange with the time service now."""
+        self._optional("time_sync", "run a time exchange")
+        m = self.query("time_sync", timeout=TIME_SYNC_S)
+        return TimeSync(m["result"], int(m["t"]) if m["t"] else None, m["reason"] or "")
 
     def slot_status(self) -> SlotStatus:
         lines = self.command("slot_status")

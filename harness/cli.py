@@ -1,11 +1,13 @@
 """`hil`: the cart-hil command.
 
     hil gate [--rig R] [--cart ID]... [--tag T]... [-n N]    release gate: smoke, signed update, rollback, flash faults,
-                                                             power cuts (reduced sweep; --sweep full: all of it)
+                                                             power cuts (reduced sweep; --sweep full: all of it),
+                                                             clock skew, CA rotation
     hil sweep [--rig R] [--cart ID]... [-n N] [--sweep M]     the power-cut suite alone, full sweep by default
     hil smoke [--rig R] [--cart ID]... [--tag T]... [-n N]   the rack smoke suite
     hil test [PYTEST ARGS]                                     lint + the project's own tests + the suites
     hil rig check RIG                                          validate a rig file and its carts
+    hil rollout check IMAGE --fleet INVENTORY                  can every configuration take this signed image?
     hil rack up [RIG]                                          run a virtual rig's rack in the foreground
     hil bench [--rig R] [--out FILE]                           latency and timing figures
     hil pki init|show [--dir D]                                the lab PKI (root CAs, signers)
@@ -35,7 +37,8 @@ def _pytest(args: list[str]) -> int:
 SUITES = {
     "smoke": ["test_suites/test_rack_smoke.py"],
     "gate": ["test_suites/test_rack_smoke.py", "test_suites/test_signed_update.py", "test_suites/test_rollback.py",
-             "test_suites/test_flash_faults.py", "test_suites/test_power_cut.py"],
+             "test_suites/test_flash_faults.py", "test_suites/test_power_cut.py", "test_suites/test_clock_skew.py",
+             "test_suites/test_ca_rotation.py"],
     "sweep": ["test_suites/test_power_cut.py"],
 }
 
@@ -83,6 +86,12 @@ def cmd_rig_check(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_rollout_check(a: argparse.Namespace) -> int:
+    from harness.rollout import check_command
+
+    return check_command(a.image, a.fleet)
+
+
 def cmd_rack_up(a: argparse.Namespace) -> int:
     rig = Rig.load(a.rig)
     if rig.spec.virtual and rig.spec.virtual.pki:
@@ -107,8 +116,8 @@ def main(argv: list[str] | None = None) -> int:
     sub = ap.add_subparsers(dest="cmd", required=True)
 
     for name, text, sweep in (
-            ("gate", "the release gate so far: smoke, signed update, rollback, flash-fault and power-cut suites",
-             "reduced"),
+            ("gate", "the release gate so far: smoke, signed update, rollback, flash-fault, power-cut, clock-skew "
+                     "and CA-rotation suites", "reduced"),
             ("smoke", "run the rack smoke suite on the selected carts", "reduced"),
             ("sweep", "the power-cut suite alone (test_suites/test_power_cut.py): the full sweep by default",
              "full")):
@@ -118,7 +127,8 @@ def main(argv: list[str] | None = None) -> int:
         s.add_argument("--tag", action="append", default=[])
         s.add_argument("-n", "--workers", type=int, default=0, help="parallel workers (default: one per cart)")
         s.add_argument("--sweep", choices=["reduced", "full"], default=sweep,
-                       help=f"power-cut sweep: reduced (every 5th event, every boot-control write, 2 random cuts) "
+                       help=f"power-cut sweep: reduced (every 5th event, every write of boot control, device state "
+                            f"or trust store, 2 random cuts) "
                             f"or full (every event, 10 random cuts); default {sweep}")
         s.add_argument("pytest_args", nargs=argparse.REMAINDER)
         s.set_defaults(fn=cmd_smoke)
@@ -132,6 +142,16 @@ def main(argv: list[str] | None = None) -> int:
     rc = rs.add_parser("check", help="validate a rig file and the carts it names")
     rc.add_argument("rig", type=Path)
     rc.set_defaults(fn=cmd_rig_check)
+
+    o = sub.add_parser("rollout", help="release preflight against a fleet inventory")
+    os_ = o.add_subparsers(dest="rolloutcmd", required=True)
+    oc = os_.add_parser("check", help="refuse a signed image some configuration of the fleet cannot take (a CA "
+                                      "it lacks, a security counter above the image's, another hardware revision)")
+    oc.add_argument("image", type=Path)
+    oc.add_argument("--fleet", type=Path, required=True, metavar="INVENTORY",
+                    help="a rig file, a directory of cart configurations, or an inventory YAML "
+                         "({configurations: [{id, hardware_revision, cas, security_counter}]})")
+    oc.set_defaults(fn=cmd_rollout_check)
 
     k = sub.add_parser("rack", help="the virtual rack")
     ks = k.add_subparsers(dest="rackcmd", required=True)

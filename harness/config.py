@@ -62,6 +62,7 @@ PAGE_SIZE_MIN, PAGE_SIZE_MAX = 256, 65536
 MAX_SLOT_SIZE = 64 << 20
 MAX_VOLTAGE = 60.0                # what the rack's supplies (and vrack's emulated ones) can set
 MAX_CURRENT = 10.0
+MAX_CLOCK_DRIFT_S = 100 * 365 * 86400  # a cart's configured RTC error: at most 100 years either way
 ID_RE = re.compile(r"[a-z0-9][a-z0-9-]*")
 NAME_RE = re.compile(r"[a-z][a-z0-9_]*")  # keys of a profile's patterns and commands
 VIRTUAL_HOSTS = ("127.0.0.1", "localhost")  # where a virtual rack's supplies and broker listen
@@ -230,6 +231,22 @@ def _zone_offsets(name: str) -> set[float]:
     return {dt.datetime(year, m, 15, tzinfo=z).utcoffset().total_seconds() / 3600 for m in (1, 7)}
 
 
+class ClockSpec(_Strict):
+    """How far the cart's RTC is off true UTC as deployed (seconds, + ahead): the cart fixture sets the
+    RTC so once per session. Updates must not depend on it: the device asks the time service."""
+
+    drift_s: float = 0.0
+
+    @field_validator("drift_s", mode="before")
+    @classmethod
+    def _bounded(cls, v: Any) -> float:
+        if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v):
+            raise ValueError(f"expected a number of seconds, got {v!r}")
+        if abs(v) > MAX_CLOCK_DRIFT_S:
+            raise ValueError(f"{v:g} s is more than 100 years ({MAX_CLOCK_DRIFT_S} s) either way")
+        return float(v)
+
+
 class CartConfig(_Strict):
     id: Id
     hardware_revision: Id
@@ -245,6 +262,7 @@ class CartConfig(_Strict):
     draw: Draw
     boot: BootTiming
     tags: Annotated[list[Id], AfterValidator(_unique)] = Field(default_factory=list, max_length=MAX_TAGS)
+    clock: ClockSpec = ClockSpec()
 
     @field_validator("timezone")
     @classmethod
@@ -296,21 +314,29 @@ class RecoveryProfile(_Strict):
     error: str
     chunk: int = Field(gt=0, le=4096)
     end: str
+    state_reset: RecoveryStep | None = None  # a family with a device state region (security counter, time floor)
 
     #: what the harness formats each step's `send` with, and which reply patterns it waits for
     STEPS: ClassVar[tuple[tuple[str, tuple[str, ...], tuple[str, ...]], ...]] = (
         ("info", (), ("done|parse",)),
         ("load", ("slot", "size", "sha256"), ("ready", "done")),
         ("trust", ("size", "sha256"), ("ready", "done")),
+        ("state_reset", (), ("done|parse",)),
         ("bcb_reset", ("slot",), ("done|parse",)),
         ("erase", ("slot",), ("done|parse",)),
         ("boot", (), ()),
     )
 
+    def steps(self) -> list[tuple[str, RecoveryStep]]:
+        """(name, step) of every step this profile has, in STEPS order."""
+        return [(name, getattr(self, name)) for name, _, _ in self.STEPS if getattr(self, name) is not None]
+
     @model_validator(mode="after")
     def _steps_usable(self) -> RecoveryProfile:
         for name, fields, needs in self.STEPS:
-            step: RecoveryStep = getattr(self, name)
+            step: RecoveryStep | None = getattr(self, name)
+            if step is None:  # an optional step this family does not have
+                continue
             _template(step.send, fields, f"{name}.send: ")
             for need in needs:
                 if not any(getattr(step, k) for k in need.split("|")):
@@ -334,6 +360,11 @@ class ConsoleProfile(_Strict):
     BANNER_GROUPS: ClassVar[tuple[str, ...]] = ("bl_version", "slot", "version", "config", "mode")
     #: placeholders the harness fills in when it sends a required command
     COMMAND_FIELDS: ClassVar[dict[str, tuple[str, ...]]] = {"rtc_set": ("time",)}
+    #: groups the harness reads from a command's reply (harness/cart.py), where the profile has the command
+    COMMAND_GROUPS: ClassVar[dict[str, tuple[str, ...]]] = {
+        "rtc_get": ("time",), "trust_list": ("name", "fp"), "time_sync": ("result", "t", "reason"),
+        "device_state": ("counter", "floor"),
+    }
 
     @field_validator("patterns", "commands")
     @classmethod
@@ -356,8 +387,7 @@ class ConsoleProfile(_Strict):
         regexes["error"] = self.error
         rec = self.recovery
         regexes |= {"recovery.mode": rec.mode, "recovery.error": rec.error}
-        for name, _, _ in RecoveryProfile.STEPS:
-            step: RecoveryStep = getattr(rec, name)
+        for name, step in rec.steps():
             regexes |= {f"recovery.{name}.{k}": getattr(step, k) for k in ("ready", "done", "parse")
                         if getattr(step, k)}
         compiled = {}
@@ -369,6 +399,14 @@ class ConsoleProfile(_Strict):
         missing = [g for g in self.BANNER_GROUPS if g not in compiled["patterns.banner"].groupindex]
         if missing:
             raise ValueError(f"patterns.banner: no group {', '.join(f'(?P<{g}>...)' for g in missing)}")
+        for key, groups in self.COMMAND_GROUPS.items():
+            if key not in self.commands:
+                continue
+            rx = compiled.get(f"commands.{key}.parse")
+            missing = [g for g in groups if rx is None or g not in rx.groupindex]
+            if missing:
+                raise ValueError(f"commands.{key}.parse: no group {', '.join(f'(?P<{g}>...)' for g in missing)} "
+                                 "(the harness reads it)")
         for key, c in self.commands.items():
             fields = self.COMMAND_FIELDS.get(key, () if key in self.REQUIRED_COMMANDS else None)
             if fields is None:  # a command only suites send: any plain placeholder, their call fills it
@@ -553,6 +591,34 @@ class RigSpec(_Strict):
     slots: list[SlotSpec] = Field(min_length=1, max_length=MAX_SLOTS)
 
 
+# ---------------------------------------------------------------- fleet inventory (hil rollout check)
+
+MAX_CONFIGURATIONS = 4096
+MAX_SECURITY_COUNTER = 2**32 - 1  # an image manifest's security_counter is a u32
+
+
+class FleetConfiguration(_Strict):
+    """One configuration deployed in the field: what a release must suit."""
+
+    id: Id
+    hardware_revision: Id
+    cas: Annotated[list[Id], AfterValidator(_unique)] = Field(min_length=1, max_length=MAX_CAS)
+    security_counter: int = Field(default=0, ge=0, le=MAX_SECURITY_COUNTER)
+
+
+class Inventory(_Strict):
+    configurations: list[FleetConfiguration] = Field(min_length=1, max_length=MAX_CONFIGURATIONS)
+
+    @model_validator(mode="after")
+    def _ids_unique(self) -> Inventory:
+        seen: set[str] = set()
+        for c in self.configurations:
+            if c.id in seen:
+                raise ValueError(f"configurations: id {c.id!r} is listed twice")
+            seen.add(c.id)
+        return self
+
+
 # ---------------------------------------------------------------- reading at the door
 
 
@@ -643,6 +709,12 @@ def _read_yaml(path: Path) -> Any:
 def _label(path: Path, loc: list | tuple, data: Any) -> tuple[str, list]:
     """`path: slot 3 (cart-03):` or `path: supply psu-a:` or `path:`, and the rest of `loc`."""
     loc = list(loc)
+    if len(loc) >= 2 and loc[0] == "configurations" and isinstance(loc[1], int):
+        items = data.get(loc[0]) if isinstance(data, dict) else None
+        item = items[loc[1]] if isinstance(items, list) and 0 <= loc[1] < len(items) else None
+        cid = item.get("id") if isinstance(item, dict) else None
+        ok = isinstance(cid, str) and len(cid) <= MAX_ID and ID_RE.fullmatch(cid)
+        return f"{path}: {f'configuration {cid}' if ok else f'configuration #{loc[1] + 1}'}:", loc[2:]
     if len(loc) >= 2 and loc[0] in ("slots", "supplies") and isinstance(loc[1], int):
         items = data.get(loc[0]) if isinstance(data, dict) else None
         item = items[loc[1]] if isinstance(items, list) and 0 <= loc[1] < len(items) else None
@@ -777,6 +849,16 @@ def load_cart(path: Path) -> CartConfig:
     if cfg.id != path.stem:
         raise ConfigError(f"{path}: id: {cfg.id!r} does not match the file name {path.stem!r}")
     return cfg
+
+
+def load_inventory(path: Path) -> Inventory:
+    """A fleet inventory YAML: `{configurations: [{id, hardware_revision, cas, security_counter}]}`."""
+    path = Path(path)
+    data = _read_mapping(path)
+    try:
+        return Inventory.model_validate(data)
+    except ValidationError as exc:
+        raise _explain(path, exc, data) from None
 
 
 def _profile_controls_ok(loc: tuple) -> bool:

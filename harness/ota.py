@@ -10,9 +10,16 @@
     outcome = ota.update(image)                  both at once
     outcome.expect_confirmed() / expect_rejected("unsigned") / expect_rolled_back()
     outcome.expect_failed_writing("erase failed: page 140")   a flash fault: only the inactive slot changed
+    run.wait_deferred().expect_deferred("time service unreachable")   no usable time: the job waits, nothing written
+    ota.deliver_trust(ota.trust_bundle(["lab-root-2027"])).expect_applied([...])   a CA update, its own job
+    fleet.time.set_mode(cart, "silent") / fleet.server_time(cart)   the time service the cart asks before verifying
 
 A cart is reached only through its console (the profile's lines and commands), MQTT on the
 rig's broker and HTTP from the image host: the same steps run on a physical rig.
+
+A cart decides whether a release (or a CA update) is valid at the time the lab's time service signs
+for it, never by its own clock. Images and bundles are therefore signed around that server time for
+the cart (`fleet.server_time`), which a test may shift (`fleet.time.set_mode(..., offset_s=...)`).
 
 Outcomes (`UpdateOutcome.outcome`):
   confirmed                 job SUCCEEDED and the cart marked the new slot good
@@ -22,10 +29,14 @@ Outcomes (`UpdateOutcome.outcome`):
   succeeded-but-rolled-back job SUCCEEDED, yet the cart rolled back: the case the jobs protocol
                             cannot express, seen through the console and firmware_rollback_count
   timed-out / canceled      the service ended the execution
+  deferred                  (wait_deferred) the agent got no usable time answer: the job stays IN_PROGRESS,
+                            statusDetails step "deferred", nothing written; the agent retries it later
+CA updates (`TrustOutcome.outcome`): applied (SUCCEEDED), rejected, failed, timed-out, canceled.
 """
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import hashlib
 import itertools
@@ -42,18 +53,33 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from cryptography.hazmat.primitives import serialization
+
 from harness import image as himage
 from harness import pki as hpki
-from harness.fleet import ImageHost, JobsService, MqttClient, Telemetry
+from harness.fleet import ImageHost, JobsService, MqttClient, StatusChange, Telemetry, TimeService
 from harness.fleet.telemetry import ROLLBACK_METRIC
 
 if TYPE_CHECKING:
+    from cryptography import x509
+    from cryptography.hazmat.primitives.asymmetric import ec
+
     from harness.cart import Cart, SlotStatus
     from harness.config import Rig
     from harness.console import Line
 
+    Leaf = tuple[ec.EllipticCurvePrivateKey, list[x509.Certificate]]
+
 TERMINAL = ("SUCCEEDED", "FAILED", "REJECTED", "TIMED_OUT", "CANCELED", "REMOVED")
+_ENDED = {"REJECTED": "rejected", "TIMED_OUT": "timed-out", "CANCELED": "canceled", "REMOVED": "canceled"}
 ONLINE_METRIC = "agent_online"
+TIME_CHALLENGE_S = 3 * 2.0  # the agent's time challenge at worst: 3 tries of 2 s (docs/interfaces.md)
+DEFER_BUDGET_S = 20.0 + TIME_CHALLENGE_S  # job queued to deferral: pickup, document checks, the challenge
+CONSOLE_LAG_S = 5.0  # a console line that follows a job report the service already has
+SIGN_ISSUED_BEFORE_S = 3600  # a release is signed as issued an hour before "now" (server time) ...
+SIGN_VALID_S = 30 * 86400  # ... and valid for 30 days from it
+TRUST_OVERLAP_S = 90 * 86400  # a CA update keeps the roots it replaces this long (the bundle's overlap_s)
+BUNDLE_TAMPERS = ("truncated", "bad-signature")
 DELETE = object()  # a document override that removes the key
 _VERSION = re.compile(r"^(\d+)\.(\d+)\.(\d+)$")
 
@@ -151,26 +177,71 @@ def corrupt_before_signing(payload: bytes) -> bytes:
 
 
 class Signer:
-    """The lab's release signing: an unsigned image in, a signed one out (harness.image)."""
+    """The lab's release signing: an unsigned image in, a signed one out (harness.image); and CA
+    updates (trust bundles) signed the same way."""
 
     def __init__(self, lab_pki: hpki.LabPki):
         self.pki = lab_pki
 
+    def _key_chain(self, ca: str, signer: str | None, leaf: Leaf | None) -> Leaf:
+        """The signing key and [leaf, intermediate]: `leaf` (an ephemeral one, LabPki.issue_signer), else
+        the lab's `signer` leaf (default: the code-signing leaf under `ca`)."""
+        if leaf is not None:
+            if signer is not None:
+                raise ValueError("give a signer name or an ephemeral leaf, not both")
+            key, chain = leaf
+            return key, list(chain)
+        name = signer or hpki.signer_of(ca)
+        return self.pki.key(name), self.pki.chain(name)
+
+    @staticmethod
+    def _window(now: int | None, issued: int | None, expires: int | None) -> tuple[int, int]:
+        """issued/expires, by default an hour before `now` and 30 days after it (`now`: the server time the
+        device will judge it at; default this machine's clock)."""
+        now = int(time.time()) if now is None else now
+        return (now - SIGN_ISSUED_BEFORE_S if issued is None else issued,
+                now + SIGN_VALID_S if expires is None else expires)
+
     def sign(self, unsigned: bytes, *, hardware: list[str], ca: str = hpki.ROOT_OLD, signer: str | None = None,
-             version: str | None = None, tamper: str | None = None, issued: int | None = None,
-             expires: int | None = None, security_counter: int = 0,
-             payload_edit: Callable[[bytes], bytes] | None = None) -> bytes:
+             leaf: Leaf | None = None, version: str | None = None, tamper: str | None = None,
+             issued: int | None = None, expires: int | None = None, now: int | None = None,
+             security_counter: int = 0, payload_edit: Callable[[bytes], bytes] | None = None) -> bytes:
         """`ca`: the root the manifest requires; `signer`: the code-signing leaf (default: the one
-        under `ca`); `payload_edit` changes the payload before signing."""
+        under `ca`) or `leaf`: (key, chain) of an ephemeral one; `issued`/`expires` default around `now`
+        (the cart's server time: the time it will verify at); `payload_edit` changes the payload before
+        signing."""
         parsed = himage.parse_image(unsigned)
-        signer = signer or hpki.signer_of(ca)
-        now = int(time.time())
+        key, chain = self._key_chain(ca, signer, leaf)
+        issued, expires = self._window(now, issued, expires)
         payload = payload_edit(parsed.payload) if payload_edit else parsed.payload
         return himage.build_signed_image(
-            payload, version=version or parsed.version, hardware=hardware, required_ca=ca,
-            issued=now - 3600 if issued is None else issued, expires=now + 30 * 86400 if expires is None else expires,
-            security_counter=security_counter, signer_key=self.pki.key(signer), chain=self.pki.chain(signer),
-            tamper=tamper, build_info=parsed.build_info)
+            payload, version=version or parsed.version, hardware=hardware, required_ca=ca, issued=issued,
+            expires=expires, security_counter=security_counter, signer_key=key, chain=chain, tamper=tamper,
+            build_info=parsed.build_info)
+
+    def trust_bundle(self, add: Mapping[str, str], *, required_ca: str, overlap_s: int = TRUST_OVERLAP_S,
+                     signer: str | None = None, leaf: Leaf | None = None, issued: int | None = None,
+                     expires: int | None = None, now: int | None = None) -> bytes:
+        """A CA update adding `add` ({name: PEM}), signed under `required_ca` (a root the carts already
+        trust) by its code-signing leaf (or `signer` / `leaf` as for `sign`), valid around `now`."""
+        key, chain = self._key_chain(required_ca, signer, leaf)
+        issued, expires = self._window(now, issued, expires)
+        return himage.build_trust_bundle(dict(add), required_ca=required_ca, issued=issued, expires=expires,
+                                         overlap_s=overlap_s, signer_key=key, chain=chain)
+
+
+def tamper_bundle(bundle: bytes, tamper: str) -> bytes:
+    """A defective CA update on purpose: `truncated` (the file cut in half) or `bad-signature` (the
+    signature's last byte changed: still DER, no longer valid)."""
+    if tamper == "truncated":
+        return bundle[: len(bundle) // 2]
+    if tamper == "bad-signature":
+        doc = json.loads(bundle)
+        sig = bytearray(base64.b64decode(doc["signature"]))
+        sig[-1] ^= 0x01
+        doc["signature"] = base64.b64encode(bytes(sig)).decode("ascii")
+        return himage.canonical_json(doc)
+    raise ValueError(f"unknown bundle tamper {tamper!r}; one of {', '.join(BUNDLE_TAMPERS)}")
 
 
 def open_lab_pki(rig: Rig) -> hpki.LabPki:
@@ -192,7 +263,7 @@ def release_hardware(rig: Rig) -> list[str]:
 
 class Fleet:
     """What one test process runs in the lab: an MQTT client on the rig's broker, the jobs service
-    for the carts this process drives, the image host, the telemetry collector."""
+    and the time service for the carts this process drives, the image host, the telemetry collector."""
 
     def __init__(self, rig: Rig, log_dir: Path, *, worker: int = 0):
         log_dir.mkdir(parents=True, exist_ok=True)
@@ -200,19 +271,59 @@ class Fleet:
         self.mqtt = self._client(f"cart-hil-fleet-{os.getpid()}")
         self.mqtt.connect()
         ih = rig.spec.image_host
+        self.images = None
         try:
+            self.pki = open_lab_pki(rig)
             self.images = ImageHost(ih.bind, ih.port + worker if ih.port else 0, url_host=ih.url_host,
                                     allow_short_ttl_for_tests=True, log_path=log_dir / f"imagehost-{os.getpid()}.log")
             self.jobs = JobsService(self.mqtt, self.images, things=())
             self.telemetry = Telemetry(self.mqtt)
+            self.time = TimeService.for_pki(self.mqtt, self.pki)
         except BaseException:
+            if self.images is not None:
+                self.images.close()
             self.mqtt.close()
             raise
         self.jobs.add_listener(self.telemetry.record_job_status)
+        self._changes = threading.Condition()  # notified on every job status change (wait_job_change)
+        self._change_seq = 0
+        self.jobs.add_listener(self._job_changed)
         self._ids = itertools.count(1)
 
     def serve(self, thing: str) -> None:
+        """Answer `thing`'s job requests and time challenges (idempotent)."""
         self.jobs.serve(thing)
+        self.time.serve(thing)
+
+    def server_time(self, thing: str) -> int:
+        """The time the time service signs for `thing` now (epoch s): true time plus the offset a test
+        set for it. What the cart will judge an image or a CA update at."""
+        offset = self.time.mode(thing)[1] if thing in self.time.things else 0
+        return int(self.time.clock()) + offset
+
+    def _job_changed(self, _change: StatusChange) -> None:
+        # called by the jobs service under its own lock: only count and notify here, never call back into it
+        with self._changes:
+            self._change_seq += 1
+            self._changes.notify_all()
+
+    def wait_job_change(self, job_id: str, thing: str, predicate: Callable[[StatusChange], bool],
+                        timeout: float) -> StatusChange | None:
+        """The first status change of the execution for which `predicate` holds, waiting for it (woken by
+        each change); None at the deadline."""
+        deadline = time.monotonic() + timeout
+        while True:
+            with self._changes:
+                seq = self._change_seq
+            hit = next((c for c in self.jobs.history(job_id, thing) if predicate(c)), None)
+            if hit is not None:
+                return hit
+            with self._changes:
+                while self._change_seq == seq:
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        return None
+                    self._changes.wait(left)
 
     def kick(self, thing: str, timeout: float = 10.0) -> None:
         """Take over `thing`'s MQTT session (same client id): the broker disconnects the cart, as a
@@ -231,7 +342,7 @@ class Fleet:
         return f"{text}-{os.getpid()}-{next(self._ids)}"
 
     def close(self) -> None:
-        for closer in (self.jobs.close, self.telemetry.close, self.images.close, self.mqtt.close):
+        for closer in (self.time.close, self.jobs.close, self.telemetry.close, self.images.close, self.mqtt.close):
             with contextlib.suppress(Exception):
                 closer()
 
@@ -321,18 +432,18 @@ class UpdateOutcome:
     def _fail(self, what: str) -> None:
         raise OtaError(f"{what}\n{self.describe()}")
 
-    def _unchanged(self, slots: str = "AB") -> None:
+    def _unchanged(self, slots: str = "AB", why: str = "although the update did not go through") -> None:
         changed = [s for s in slots if self.hashes_after.get(s) != self.hashes_before.get(s)]
         if changed:
-            self._fail(f"slot(s) {', '.join(changed)} changed although the update did not go through")
+            self._fail(f"slot(s) {', '.join(changed)} changed {why}")
         b, a = self.before, self.after
         if (a.active, a.booted, a.pending, a.tries, a.confirmed) != (b.active, b.booted, b.pending, b.tries,
                                                                      b.confirmed):
-            self._fail("boot control changed although the update did not go through")
+            self._fail(f"boot control changed {why}")
         if self.boots or (a.boots is not None and b.boots is not None and a.boots != b.boots):
-            self._fail("the cart rebooted although the update did not go through")
+            self._fail(f"the cart rebooted {why}")
         if self.rollback_metric:
-            self._fail(f"{ROLLBACK_METRIC} rose although nothing was tried")
+            self._fail(f"{ROLLBACK_METRIC} rose although no firmware was tried")
 
     @_checked("confirmed: SUCCEEDED, the new slot active and confirmed, one trial boot, no rollback")
     def expect_confirmed(self) -> UpdateOutcome:
@@ -397,9 +508,24 @@ class UpdateOutcome:
     def _ended_as(self, outcome: str, reason: str) -> None:
         if self.outcome != outcome:
             self._fail(f"expected the update to be {outcome} ({reason}), got {self.outcome}")
-        ok = self.reason.startswith(reason[:-1]) if reason.endswith("*") else self.reason == reason
-        if not ok:
+        if not reason_matches(self.reason, reason):
             self._fail(f"{outcome} for {self.reason!r}, expected {reason!r}")
+
+    @_checked("deferred for {0!r}: IN_PROGRESS (step deferred), nothing written, boot control unchanged, no reboot")
+    def expect_deferred(self, reason: str) -> UpdateOutcome:
+        """The agent deferred the job for exactly `reason` ('*' as above; no usable time answer): still
+        IN_PROGRESS with statusDetails step "deferred", its console line, nothing written, no reboot."""
+        if self.outcome != "deferred":
+            self._fail(f"expected the update to be deferred ({reason}), got {self.outcome}")
+        if self.status != "IN_PROGRESS" or self.details.get("step") != "deferred":
+            self._fail(f"deferred, but the execution is {self.status} {self.details}")
+        if not reason_matches(self.reason, reason):
+            self._fail(f"deferred for {self.reason!r}, expected {reason!r}")
+        said = f"job={self.job_id}: {self.reason}"
+        if not any(text.endswith(said) for _, text in self.events.get("ota_deferred", [])):
+            self._fail(f"no console line saying the agent deferred {said!r}")
+        self._unchanged()
+        return self
 
     @_checked("rolled back by the bootloader, previous version running, counted once for the target version")
     def expect_rolled_back(self, *, succeeded_first: bool = False) -> UpdateOutcome:
@@ -425,12 +551,23 @@ class UpdateOutcome:
         return self
 
 
+def _deferred_or_ended(change: StatusChange) -> bool:
+    return change.new in TERMINAL or (change.new == "IN_PROGRESS" and change.status_details.get("step") == "deferred")
+
+
+def reason_matches(got: str, want: str) -> bool:
+    """`got` is exactly `want`, or starts with it when `want` ends in '*'."""
+    return got.startswith(want[:-1]) if want.endswith("*") else got == want
+
+
 class UpdateRun:
-    """One update in flight: the job is queued at construction; `wait()` gives the outcome."""
+    """One update in flight: the job is queued at construction; `wait()` gives the outcome (or
+    `wait_deferred()`, when the agent is expected to put the job off for want of a usable time)."""
 
     WATCH = ("banner", "ready", "rollback", "crash", "watchdog", "confirmed", "self_test_failed", "ota_job_started",
              "ota_download_done", "ota_download_resumed", "ota_url_expired", "ota_verify_ok", "ota_write_done",
-             "ota_armed", "ota_rejected", "ota_failed", "ota_trial_reported", "ota_connected")
+             "ota_armed", "ota_rejected", "ota_failed", "ota_trial_reported", "ota_connected", "ota_time_ok",
+             "ota_time_rejected", "ota_deferred", "ota_trust_updated", "security_counter")
 
     def __init__(self, fleet: Fleet, cart: Cart, image: bytes | None, *, target_version: str,
                  document: Mapping[str, Any] | None = None, url_ttl_s: float | None = None, label: str = "update"):
@@ -440,10 +577,8 @@ class UpdateRun:
         cart.ensure_usable()
         fleet.serve(cart.id)
         self.job_id = fleet.new_job_id(f"{label}-{cart.id}")
-        with step(f"{cart.id}: state before the update"):
-            self.before = cart.slot_status()
-            self.hashes_before = cart.slot_hashes()
-            attach("slot status before", self.before.brief())
+        with step(f"{cart.id}: state before the job"):
+            self._capture_before()
         self.tele_mark = fleet.telemetry.mark()
         self.console_start = cart.console.mark()
         self._seen: dict[str, list[tuple[int, float, str]]] = {}  # key -> (line index, t_mono, text)
@@ -453,7 +588,7 @@ class UpdateRun:
         for key in self.WATCH:
             if key in profile:
                 self._listeners.append(cart.console.add_listener(profile[key], self._on_line(key)))
-        doc: dict[str, Any] = {"operation": "ota", "target_version": target_version}
+        doc = self._template()
         if image is not None:
             fleet.images.add(self.job_id, image)
             doc |= {"image_id": self.job_id, "sha256": hashlib.sha256(image).hexdigest(), "size": len(image)}
@@ -465,10 +600,19 @@ class UpdateRun:
         if "url" in doc:
             doc.pop("image_id", None)
         self.document = doc
-        with step(f"{cart.id}: job {self.job_id} queued (target {target_version})"):
+        with step(f"{cart.id}: job {self.job_id} queued ({doc.get('operation')}, target {target_version})"):
             attach("job document (template)", doc)
             self.t_created = time.monotonic()
             fleet.jobs.create_job(self.job_id, [cart.id], doc, url_ttl_s=url_ttl_s)
+
+    def _capture_before(self) -> None:
+        self.before = self.cart.slot_status()
+        self.hashes_before = self.cart.slot_hashes()
+        attach("slot status before", self.before.brief())
+
+    def _template(self) -> dict[str, Any]:
+        """The job document before the image fields and the test's overrides."""
+        return {"operation": "ota", "target_version": self.target_version}
 
     def _on_line(self, key: str) -> Callable[[Line, re.Match], None]:
         def cb(line: Line, _m: re.Match) -> None:
@@ -518,14 +662,16 @@ class UpdateRun:
 
     @property
     def budget(self) -> float:
-        """Job queued to outcome: download, write, two boots and the mark-good window, with headroom."""
+        """Job queued to outcome: the time challenge, download, write, two boots and the mark-good window,
+        with headroom."""
         cfg = self.cart.config
-        return 30.0 + 3 * self.cart.boot_timeout + 2 * cfg.boot.mark_good_window_s
+        return 30.0 + TIME_CHALLENGE_S + 3 * self.cart.boot_timeout + 2 * cfg.boot.mark_good_window_s
 
     def wait(self, timeout: float | None = None) -> UpdateOutcome:
         cart, fleet = self.cart, self.fleet
         timeout = self.budget if timeout is None else timeout
         deadline = time.monotonic() + timeout
+        left = lambda: max(0.5, deadline - time.monotonic())  # noqa: E731
         try:
             with step(f"{cart.id}: wait for the job to end"):
                 try:
@@ -536,44 +682,91 @@ class UpdateRun:
                 details = dict(ex.get("statusDetails") or {})
                 t_end = time.monotonic()
                 attach("job execution", ex)
-            outcome = {"REJECTED": "rejected", "TIMED_OUT": "timed-out", "CANCELED": "canceled",
-                       "REMOVED": "canceled"}.get(status, "failed")
-            left = lambda: max(0.5, deadline - time.monotonic())  # noqa: E731
-            if status == "SUCCEEDED":
-                with step(f"{cart.id}: job SUCCEEDED: wait for mark-good or rollback"):
-                    kind, _, _ = self._first_of(("confirmed", "rollback"), left(), after=self.t_created)
-                outcome = "confirmed" if kind == "confirmed" else "succeeded-but-rolled-back"
-            elif status == "FAILED" and details.get("reason") == "rolled back":
-                outcome = "rolled-back"
-            if outcome in ("rolled-back", "succeeded-but-rolled-back"):
-                with step(f"{cart.id}: rollback: wait for the old firmware to report it"):
-                    i_rb, _, _ = self._wait("rollback", left(), 0.0, -1, "the bootloader's rollback line")
-                    _, t_boot, _ = self._wait("banner", left(), 0.0, i_rb, "the boot after the rollback")
-                    # the agent's "online" event of that boot comes after anything else the boot publishes
-                    fleet.telemetry.wait_metric(ONLINE_METRIC, thing=cart.id, since=self.tele_mark,
-                                                predicate=lambda e: e.t > t_boot, timeout=left())
+            outcome = self._settle(status, details, left)
             if self.events.get("banner"):
                 # the cart rebooted during the update: it must be at its shell again before we ask it anything
                 self._wait("ready", left(), 0.0, self._last_line("banner"), "firmware ready after the last boot")
-            with step(f"{cart.id}: state after the update"):
-                after = cart.slot_status()
-                hashes_after = cart.slot_hashes()
-                attach("slot status after", after.brief())
+            after, hashes_after = self._state_after()
         finally:
-            for h in self._listeners:
-                cart.console.remove_listener(h)
-            self._cleanup()
-        metric = fleet.telemetry.rollback_count(self.target_version, cart.id, since=self.tele_mark)
+            self.close()
+        return self._outcome(status, details, outcome, after, hashes_after, t_end)
+
+    def wait_deferred(self, timeout: float | None = None) -> UpdateOutcome:
+        """Wait for the agent to defer the job instead of ending it (no usable time answer): the execution
+        IN_PROGRESS with statusDetails step "deferred" (the jobs history), then its console line. Outcome
+        "deferred" (or how the job ended, if it did). The execution stays IN_PROGRESS, as the agent left
+        it, so a test can watch what the cart does next (it retries after its back-off): `close()` then
+        cancels it, as after every run."""
+        cart, fleet = self.cart, self.fleet
+        timeout = DEFER_BUDGET_S if timeout is None else timeout
+        keep_open = False
+        try:
+            with step(f"{cart.id}: wait for the job to be deferred"):
+                change = fleet.wait_job_change(self.job_id, cart.id, _deferred_or_ended, timeout)
+                if change is None:
+                    hist = " -> ".join(c.new for c in fleet.jobs.history(self.job_id, cart.id))
+                    raise OtaError(f"{cart.id}: job {self.job_id} neither deferred nor ended within {timeout:.1f} s "
+                                   f"(statuses {hist})\n{cart.console.tail()}")
+                status, details, t_end = change.new, dict(change.status_details), time.monotonic()
+                attach("job status change", change.as_dict())
+            if status in TERMINAL:
+                outcome = self._settle(status, details, lambda: max(0.5, self.budget - (time.monotonic() - t_end)))
+            else:
+                outcome = "deferred"
+                with contextlib.suppress(OtaError):  # expect_deferred names it if it never comes
+                    self._wait("ota_deferred", CONSOLE_LAG_S, 0.0, -1, "the agent's deferral line")
+            after, hashes_after = self._state_after()
+            keep_open = outcome == "deferred"
+        finally:
+            if not keep_open:
+                self.close()
+        return self._outcome(status, details, outcome, after, hashes_after, t_end)
+
+    def _settle(self, status: str, details: dict, left: Callable[[], float]) -> str:
+        """The outcome of an ended job, once what follows its status has been seen: after SUCCEEDED the
+        mark-good (or a rollback), after a rollback the old firmware's report of it."""
+        cart, fleet = self.cart, self.fleet
+        outcome = _ENDED.get(status, "failed")
+        if status == "SUCCEEDED":
+            with step(f"{cart.id}: job SUCCEEDED: wait for mark-good or rollback"):
+                kind, _, _ = self._first_of(("confirmed", "rollback"), left(), after=self.t_created)
+            outcome = "confirmed" if kind == "confirmed" else "succeeded-but-rolled-back"
+        elif status == "FAILED" and details.get("reason") == "rolled back":
+            outcome = "rolled-back"
+        if outcome in ("rolled-back", "succeeded-but-rolled-back"):
+            with step(f"{cart.id}: rollback: wait for the old firmware to report it"):
+                i_rb, _, _ = self._wait("rollback", left(), 0.0, -1, "the bootloader's rollback line")
+                _, t_boot, _ = self._wait("banner", left(), 0.0, i_rb, "the boot after the rollback")
+                # the agent's "online" event of that boot comes after anything else the boot publishes
+                fleet.telemetry.wait_metric(ONLINE_METRIC, thing=cart.id, since=self.tele_mark,
+                                            predicate=lambda e: e.t > t_boot, timeout=left())
+        return outcome
+
+    def _state_after(self) -> tuple[SlotStatus, dict[str, str]]:
+        with step(f"{self.cart.id}: state after the job"):
+            after = self.cart.slot_status()
+            hashes_after = self.cart.slot_hashes()
+            attach("slot status after", after.brief())
+        return after, hashes_after
+
+    def _rollback_metric(self) -> float:
+        return self.fleet.telemetry.rollback_count(self.target_version, self.cart.id, since=self.tele_mark)
+
+    def _outcome(self, status: str, details: dict, outcome: str, after: SlotStatus, hashes_after: dict[str, str],
+                 t_end: float, cls: type[UpdateOutcome] | None = None, **extra) -> UpdateOutcome:
+        cart, fleet = self.cart, self.fleet
+        metric = self._rollback_metric()
         history = [c.as_dict() for c in fleet.jobs.history(self.job_id, cart.id)]
-        result = UpdateOutcome(
+        result = (cls or UpdateOutcome)(
             cart=cart.id, job_id=self.job_id, target_version=self.target_version, status=status, details=details,
             outcome=outcome, before=self.before, after=after, hashes_before=self.hashes_before,
             hashes_after=hashes_after, boots=[text for _, text in self.events.get("banner", [])],
             rollback_metric=metric, events=self.events, timings=self._timings(t_end), history=history,
-            console=cart.console.slice_text(self.console_start))
-        attach("update outcome", {"outcome": outcome, "status": status, "details": details,
-                                  "timings_s": result.timings, "rollback_metric": metric, "history": history,
-                                  "image_requests": [r.as_dict() for r in fleet.images.requests(self.job_id)]})
+            console=cart.console.slice_text(self.console_start), **extra)
+        attach(f"{self.document.get('operation')} outcome",
+               {"outcome": outcome, "status": status, "details": details, "timings_s": result.timings,
+                "rollback_metric": metric, "history": history,
+                "image_requests": [r.as_dict() for r in fleet.images.requests(self.job_id)]})
         return result
 
     def _last_line(self, key: str) -> int:
@@ -588,8 +781,8 @@ class UpdateRun:
 
     def _timings(self, t_end: float) -> dict[str, float]:
         """Phases from console timestamps: queued→started, download, verify, write, trial boot, confirm."""
-        t = {k: self._first(k) for k in ("ota_job_started", "ota_download_done", "ota_verify_ok", "ota_write_done",
-                                         "ota_armed", "banner", "ota_trial_reported", "confirmed")}
+        t = {k: self._first(k) for k in ("ota_job_started", "ota_time_ok", "ota_download_done", "ota_verify_ok",
+                                         "ota_write_done", "ota_armed", "banner", "ota_trial_reported", "confirmed")}
         out: dict[str, float] = {}
 
         def span(name: str, a: float | None, b: float | None) -> None:
@@ -597,7 +790,8 @@ class UpdateRun:
                 out[name] = round(b - a, 4)
 
         span("pickup", self.t_created, t["ota_job_started"])
-        span("download", t["ota_job_started"], t["ota_download_done"])
+        span("time", t["ota_job_started"], t["ota_time_ok"])
+        span("download", t["ota_time_ok"] or t["ota_job_started"], t["ota_download_done"])
         span("verify", t["ota_download_done"], t["ota_verify_ok"])
         span("write", t["ota_verify_ok"], t["ota_write_done"])
         span("trial_boot", t["ota_armed"], t["ota_trial_reported"])
@@ -621,11 +815,104 @@ class UpdateRun:
                 self.fleet.jobs.cancel(self.job_id, force=True)
 
 
+# ---------------------------------------------------------------- a CA update (trust bundle) as its own job
+
+
+@dataclass
+class TrustOutcome(UpdateOutcome):
+    """How a CA-update job ended, with the cart's trust store before and after (name -> (fp, until))."""
+
+    trust_before: dict[str, tuple[str, int | None]] = field(default_factory=dict)
+    trust_after: dict[str, tuple[str, int | None]] = field(default_factory=dict)
+    t_end_server: int = 0  # the cart's server time once the job had ended (what `until` is measured against)
+
+    def describe(self) -> str:
+        def names(store: dict) -> str:
+            return ", ".join(f"{n}" + (f" until={u}" if u is not None else "") for n, (_, u) in sorted(store.items()))
+        return (super().describe().replace(f" to {self.target_version}:", ":", 1)
+                + f"\n  trust store before: {names(self.trust_before) or '(empty)'}"
+                + f"\n  trust store after:  {names(self.trust_after) or '(empty)'}")
+
+    @_checked("CA update applied: SUCCEEDED, the trust store holds exactly {0}, no reboot, slots unchanged")
+    def expect_applied(self, cas: list[str]) -> TrustOutcome:
+        """SUCCEEDED, `trust list` shows exactly the roots `cas` (the added ones and those kept through
+        their overlap), the job and the console say the same, no reboot, slots and boot control unchanged."""
+        want = sorted(cas)
+        if self.outcome != "applied":
+            self._fail(f"expected the CA update to be applied, got {self.outcome} ({self.reason or self.details})")
+        found = sorted(self.trust_after)
+        if found != want:
+            self._fail(f"{self.cart}: the trust store holds {found}, expected {want}")
+        reported = sorted(x for x in str(self.details.get("cas", "")).split(",") if x)
+        if reported != want:
+            self._fail(f"{self.cart}: the job reported cas {reported}, expected {want}")
+        lines = [text for _, text in self.events.get("ota_trust_updated", [])]
+        if not any(sorted(x.rsplit("cas=", 1)[-1].split(",")) == want for x in lines):
+            self._fail(f"{self.cart}: no console line saying the trust store was updated to {want} (saw {lines})")
+        self._unchanged(why="by a CA update")
+        return self
+
+    @_checked("CA update rejected for {0!r}: trust store unchanged, slots unchanged, no reboot")
+    def expect_rejected(self, reason: str) -> TrustOutcome:
+        """REJECTED for exactly `reason` ('*' matches a prefix), the trust store entry for entry as it was
+        (names, certificates, ends of overlap), slots and boot control unchanged, no reboot."""
+        self._ended_as("rejected", reason)
+        if self.trust_after != self.trust_before:
+            self._fail(f"{self.cart}: the trust store changed although the CA update was rejected")
+        self._unchanged(why="although the CA update was rejected")
+        return self
+
+
+class TrustRun(UpdateRun):
+    """One CA update in flight: the bundle goes through the image host, the job document is
+    {"operation": "trust", "url", "sha256", "size"}; `wait()` gives a TrustOutcome."""
+
+    def __init__(self, fleet: Fleet, cart: Cart, bundle: bytes, *, document: Mapping[str, Any] | None = None,
+                 url_ttl_s: float | None = None, label: str = "trust"):
+        super().__init__(fleet, cart, bundle, target_version="trust bundle", document=document, url_ttl_s=url_ttl_s,
+                         label=label)
+
+    def _capture_before(self) -> None:
+        super()._capture_before()
+        self.trust_before = self.cart.trust_entries()
+        attach("trust store before", {n: {"fp": fp, "until": u} for n, (fp, u) in self.trust_before.items()})
+
+    def _template(self) -> dict[str, Any]:
+        return {"operation": "trust"}
+
+    @property
+    def budget(self) -> float:
+        """Job queued to outcome: pickup, download of a small file, the time challenge, one flash write."""
+        return 30.0 + TIME_CHALLENGE_S
+
+    def _settle(self, status: str, details: dict, left: Callable[[], float]) -> str:
+        if status != "SUCCEEDED":
+            return _ENDED.get(status, "failed")
+        with contextlib.suppress(OtaError):  # expect_applied names it if it never comes
+            self._wait("ota_trust_updated", min(CONSOLE_LAG_S, left()), 0.0, -1, "the agent's trust-updated line")
+        return "applied"
+
+    def _rollback_metric(self) -> float:
+        """Any rollback at all during a CA update (there is no target version to count it for)."""
+        return self.fleet.telemetry.rollback_count(None, self.cart.id, since=self.tele_mark)
+
+    def _state_after(self) -> tuple[SlotStatus, dict[str, str]]:
+        after = super()._state_after()
+        self.trust_after = self.cart.trust_entries()
+        attach("trust store after", {n: {"fp": fp, "until": u} for n, (fp, u) in self.trust_after.items()})
+        return after
+
+    def _outcome(self, status, details, outcome, after, hashes_after, t_end, cls=None, **extra) -> TrustOutcome:
+        return super()._outcome(status, details, outcome, after, hashes_after, t_end, cls=TrustOutcome,
+                                trust_before=self.trust_before, trust_after=self.trust_after,
+                                t_end_server=self.fleet.server_time(self.cart.id), **extra)
+
+
 # ---------------------------------------------------------------- one cart's OTA steps in a test
 
 
 class CartOta:
-    """The OTA steps of a test on one cart (the `ota` fixture): images for it, updates of it."""
+    """The OTA steps of a test on one cart (the `ota` fixture): images for it, updates of it, CA updates."""
 
     def __init__(self, cart: Cart, fleet: Fleet, builds: FirmwareBuilds, signer: Signer, hardware: list[str]):
         self.cart = cart
@@ -634,35 +921,78 @@ class CartOta:
         self.signer = signer
         self.hardware = hardware  # what a release is signed for: every hardware revision of the rig
         self.outcomes: list[UpdateOutcome] = []
+        self.runs: list[UpdateRun] = []
+        if fleet is not None:  # the cart's job requests and time challenges are answered from now on
+            fleet.serve(cart.id)
 
     @property
     def ca(self) -> str:
         """The root the cart was provisioned with first: what a release for it requires."""
         return self.cart.config.provisioned_cas[0]
 
+    def server_time(self) -> int:
+        """The time the time service signs for this cart now: what it judges validity at."""
+        return self.fleet.server_time(self.cart.id)
+
     def unsigned(self, version: str, faults: Mapping[str, Any] | None = None) -> bytes:
         with step(f"build firmware {version}" + (f" with faults {dict(faults)}" if faults else "")):
             return self.builds.build(version, faults)
 
     def image(self, version: str, *, faults: Mapping[str, Any] | None = None, **sign) -> bytes:
-        """A signed release image of `version` (a fault build with `faults`); `sign` as Signer.sign."""
+        """A signed release image of `version` (a fault build with `faults`); `sign` as Signer.sign, its
+        validity by default around the cart's server time."""
         sign.setdefault("hardware", self.hardware)
         sign.setdefault("ca", self.ca)
+        sign.setdefault("now", self.server_time())
         unsigned = self.unsigned(version, faults)
         with step(f"sign {version} (ca {sign['ca']}" + (f", tamper {sign['tamper']}" if sign.get("tamper") else "")
                   + ")"):
             return self.signer.sign(unsigned, **sign)
 
+    def trust_bundle(self, add_roots: list[str], *, required_ca: str | None = None, overlap_s: int = TRUST_OVERLAP_S,
+                     add_leaf: bool = False, tamper: str | None = None, **sign) -> bytes:
+        """A CA update adding the lab roots `add_roots`, signed under `required_ca` (default: the root the
+        cart was provisioned with) by `<required_ca>-signer`, valid around the cart's server time; `sign`
+        as Signer.trust_bundle (signer, leaf, issued, expires, now). Defects on purpose: `add_leaf` (each
+        added "root" is a code-signing leaf certificate: not a CA), `tamper` (one of BUNDLE_TAMPERS)."""
+        required_ca = required_ca or self.ca
+        sign.setdefault("now", self.server_time())
+        pki = self.signer.pki
+        leaf_pem = pki.cert(hpki.signer_of(required_ca)).public_bytes(serialization.Encoding.PEM).decode("ascii")
+        add = {name: leaf_pem if add_leaf else pki.root_pem(name) for name in add_roots}
+        with step(f"CA update adding {', '.join(add_roots)} under {required_ca}"
+                  + (" (leaf certificates)" if add_leaf else "") + (f", tamper {tamper}" if tamper else "")):
+            bundle = self.signer.trust_bundle(add, required_ca=required_ca, overlap_s=overlap_s, **sign)
+            return tamper_bundle(bundle, tamper) if tamper else bundle
+
     def start(self, image: bytes | None, *, target_version: str | None = None, **kw) -> UpdateRun:
         if target_version is None:
             target_version = _image_version(image)
-        return UpdateRun(self.fleet, self.cart, image, target_version=target_version, **kw)
+        run = UpdateRun(self.fleet, self.cart, image, target_version=target_version, **kw)
+        self.runs.append(run)
+        return run
 
     def update(self, image: bytes | None, *, target_version: str | None = None, timeout: float | None = None,
                **kw) -> UpdateOutcome:
         out = self.start(image, target_version=target_version, **kw).wait(timeout)
         self.outcomes.append(out)
         return out
+
+    def start_trust(self, bundle: bytes, **kw) -> TrustRun:
+        """Queue a CA update (`kw` as TrustRun: document overrides, url_ttl_s)."""
+        run = TrustRun(self.fleet, self.cart, bundle, **kw)
+        self.runs.append(run)
+        return run
+
+    def deliver_trust(self, bundle: bytes, *, timeout: float | None = None, **kw) -> TrustOutcome:
+        """Send the cart a CA update as its own job and wait for how it ended."""
+        return self.start_trust(bundle, **kw).wait(timeout)
+
+    def close(self) -> None:
+        """End every run of this test that is still open (a deferred job left IN_PROGRESS, a run whose
+        `wait` was never called): its execution canceled, its console listeners removed. Idempotent."""
+        for run in self.runs:
+            run.close()
 
     def hidden_rollbacks(self) -> list[UpdateOutcome]:
         """Updates of this test whose job SUCCEEDED while the cart rolled back, unless the test said it

@@ -3,7 +3,9 @@
 Two methods, chosen by the rig's `recovery.method`:
 
 - ``serial``: interrupt autoboot on the console, then send the image and the trust store to
-  the bootloader's recovery mode (commands and replies from the console profile);
+  the bootloader's recovery mode and, where the profile has a ``state_reset`` step, clear the
+  device state (security counter, time floor) as shipped (commands and replies from the console
+  profile);
 - ``command``: run the rig's recovery command (a debug-probe flash, say) with the image path.
 
 Either way the cart then boots, and the banner must show slot A at the configuration's
@@ -46,7 +48,8 @@ def factory_files(cart: Cart) -> FactoryFiles:
 
 
 def recover_factory(cart: Cart) -> Banner:
-    """Factory image in slot A, factory trust store, slot B erased, boot control reset; booted."""
+    """Factory image in slot A, factory trust store, device state reset (where the family has one),
+    slot B erased, boot control reset; booted."""
     cart.ensure_usable()
     files = factory_files(cart)
     if cart.bench.rig.spec.recovery.method == "command":
@@ -117,6 +120,8 @@ def _recover_by_serial(cart: Cart, files: FactoryFiles) -> Banner:
         raise RecoveryError(f"{cart.id}: recovery: the bootloader says cfg={info['config']}: wrong cart in this slot?")
     rec.transfer(rec.prof.load, "load A", files.image.read_bytes(), slot="A")
     rec.transfer(rec.prof.trust, "trust", files.trust_store.read_bytes())
+    if rec.prof.state_reset is not None:  # security counter and time floor back to the factory's (none)
+        rec.command(rec.prof.state_reset, "state reset")
     rec.command(rec.prof.erase, "erase B", timeout=30.0, slot="B")
     rec.command(rec.prof.bcb_reset, "bcb reset A", slot="A")
     cart.console.mark()

@@ -57,11 +57,13 @@ from typing import Any
 from harness.ota import ONLINE_METRIC, TERMINAL, OtaError, attach, bump, step
 
 MODES = ("reduced", "full")
-REDUCED_EVERY = 5          # the reduced sweep: every 5th event, all boot-control writes, 2 random cuts
+REDUCED_EVERY = 5          # the reduced sweep: every 5th event, all redundant-store writes, 2 random cuts
 REDUCED_RANDOM = 2
 FULL_RANDOM = 10
 CATCH_ROUNDS = 5           # a fault build's boot-control writes are cut up to this many times over
 BCB_HINT = "bcb"           # events whose name has this word are boot-control writes (kept by the reduced sweep)
+#: the other two-copy stores (device state, trust store): a write into the other copy must be proven under a cut
+REDUNDANT_WRITES = ("state-write", "trust-write")
 
 OLD_KEPT, ROLLED_BACK, NEW_CONFIRMED, FAIL, NOT_RUN = "old kept", "rolled back", "new confirmed", "FAIL", "not run"
 COLOURS = {OLD_KEPT: "#8fb8de", ROLLED_BACK: "#f2c14e", NEW_CONFIRMED: "#6dbf73", FAIL: "#d64545",
@@ -169,12 +171,19 @@ def is_bcb_write(event: Event) -> bool:
     return BCB_HINT in event.name
 
 
+def is_redundant_write(event: Event) -> bool:
+    """A write of a store kept in two copies (boot control, device state, trust store): the reduced
+    sweep cuts every one, since only a cut shows the other copy survives."""
+    return is_bcb_write(event) or event.name in REDUNDANT_WRITES
+
+
 def select_points(events: Sequence[Event], mode: str = "reduced", *, seed: int = 0,
                   random_cuts: int | None = None, every: int = REDUCED_EVERY) -> list[CutPoint]:
     """The points of a sweep over a recorded sequence. ``full``: every event plus 10 random-delay cuts;
-    ``reduced``: every ``every``-th event (the first included), every boot-control write, plus 2 random
-    cuts. Random cuts are drawn (seeded: the same seed, the same points) uniformly within the recorded
-    update's duration, measured from its first event on the device's clock."""
+    ``reduced``: every ``every``-th event (the first included), every write of a two-copy store (boot
+    control, device state, trust store), plus 2 random cuts. Random cuts are drawn (seeded: the same
+    seed, the same points) uniformly within the recorded update's duration, measured from its first
+    event on the device's clock."""
     if mode not in MODES:
         raise ValueError(f"sweep mode must be one of {', '.join(MODES)}, got {mode!r}")
     if not events:
@@ -183,7 +192,7 @@ def select_points(events: Sequence[Event], mode: str = "reduced", *, seed: int =
         chosen = list(events)
         n_random = FULL_RANDOM if random_cuts is None else random_cuts
     else:
-        chosen = [e for e in events if e.position % every == 0 or is_bcb_write(e)]
+        chosen = [e for e in events if e.position % every == 0 or is_redundant_write(e)]
         n_random = REDUCED_RANDOM if random_cuts is None else random_cuts
     points = [CutPoint("event", e) for e in chosen]
     first, last = events[0], events[-1]

@@ -243,3 +243,97 @@ def test_hil_rig_check_prints_the_rating_refusal(tmp_path):
     res = subprocess.run([str(hil), "rig", "check", str(p)], capture_output=True, text=True, timeout=60)
     assert res.returncode == 2
     assert f"{p}: slot 2 (cart-02): supply.voltage: 12 V exceeds psu-a (E36313A) channel 1 rating 6 V" in res.stderr
+
+
+# ---------------------------------------------------------------- a cart's clock as deployed (`clock.drift_s`)
+
+
+def test_clock_drift_is_optional_and_read_alike_by_both_readers():
+    from vrack.cartconfig import load_cart as vrack_load_cart
+
+    drifts = {p.stem: (load_cart(p).clock.drift_s, vrack_load_cart(p).clock_drift_s)
+              for p in sorted((ROOT / "configs/carts").glob("*.yaml"))}
+    assert drifts["cart-04"] == (-43200, -43200) and drifts["cart-09"] == (43200, 43200)
+    assert drifts["cart-02"] == (95, 95)
+    assert drifts["cart-01"] == (0, 0)  # not given: the RTC is right
+
+
+@pytest.mark.parametrize(("clock", "says"), [
+    ({"drift_s": 100 * 365 * 86400 + 1}, "more than 100 years"),
+    ({"drift_s": -(100 * 365 * 86400 + 1)}, "more than 100 years"),
+    ({"drift_s": "12h"}, "expected a number of seconds, got '12h'"),
+    ({"drift_s": True}, "expected a number of seconds, got True"),
+    ({"drift_s": float("inf")}, "not a finite number"),
+    ({"drift_s": None}, "expected a number of seconds, got None"),
+])
+def test_bad_clock_drift_is_one_line_naming_file_and_field_in_both_readers(tmp_path, clock, says):
+    from vrack.cartconfig import CartConfigError
+    from vrack.cartconfig import load_cart as vrack_load_cart
+
+    src = yaml.safe_load((ROOT / "configs/carts/cart-01.yaml").read_text())
+    src["clock"] = clock
+    p = tmp_path / "cart-01.yaml"
+    p.write_text(yaml.safe_dump(src))
+    for load, error in ((load_cart, ConfigError), (vrack_load_cart, CartConfigError)):
+        with pytest.raises(error) as ei:
+            load(p)
+        msg = str(ei.value)
+        assert "\n" not in msg and msg.startswith(f"{p}: clock.drift_s: ") and says in msg, (load.__module__, msg)
+
+
+def test_clock_within_bounds_and_not_a_mapping(tmp_path):
+    from vrack.cartconfig import CartConfigError
+    from vrack.cartconfig import load_cart as vrack_load_cart
+
+    src = yaml.safe_load((ROOT / "configs/carts/cart-01.yaml").read_text())
+    p = tmp_path / "cart-01.yaml"
+    src["clock"] = {"drift_s": -100 * 365 * 86400}  # exactly the bound
+    p.write_text(yaml.safe_dump(src))
+    assert load_cart(p).clock.drift_s == vrack_load_cart(p).clock_drift_s == -100 * 365 * 86400
+    src["clock"] = {}
+    p.write_text(yaml.safe_dump(src))
+    assert load_cart(p).clock.drift_s == vrack_load_cart(p).clock_drift_s == 0
+    src["clock"] = 95
+    p.write_text(yaml.safe_dump(src))
+    with pytest.raises(ConfigError, match=f"{p}: clock: "):
+        load_cart(p)
+    with pytest.raises(CartConfigError, match=f"{p}: clock: expected a mapping"):
+        vrack_load_cart(p)
+
+
+# ---------------------------------------------------------------- console profile: optional commands and steps
+
+
+def _profile(tmp_path, mutate) -> Path:
+    data = yaml.safe_load((ROOT / "configs/profiles/reference.yaml").read_text())
+    mutate(data)
+    p = tmp_path / "reference.yaml"
+    p.write_text(yaml.safe_dump(data, sort_keys=False))
+    return p
+
+
+def test_state_reset_and_the_time_commands_are_optional(tmp_path):
+    def without(d):
+        del d["recovery"]["state_reset"], d["commands"]["time_sync"], d["commands"]["device_state"]
+    prof = load_profile(_profile(tmp_path, without))
+    assert prof.recovery.state_reset is None and "state_reset" not in [n for n, _ in prof.recovery.steps()]
+    full = load_profile(ROOT / "configs/profiles/reference.yaml")
+    assert full.recovery.state_reset.done == "^ok state reset"
+    assert [n for n, _ in full.recovery.steps()][:4] == ["info", "load", "trust", "state_reset"]
+
+
+@pytest.mark.parametrize(("mutate", "says"), [
+    (lambda d: d["recovery"]["state_reset"].pop("done"), "recovery: state_reset.done: missing"),
+    (lambda d: d["recovery"]["state_reset"].__setitem__("done", "(unclosed"), "recovery.state_reset.done: bad regex"),
+    (lambda d: d["commands"]["device_state"].__setitem__("parse", r"^state counter=(?P<counter>\d+)"),
+     "commands.device_state.parse: no group (?P<floor>...)"),
+    (lambda d: d["commands"]["time_sync"].__setitem__("parse", r"^time (?P<result>\w+)"),
+     "commands.time_sync.parse: no group (?P<t>...), (?P<reason>...)"),
+    (lambda d: d["commands"]["trust_list"].__setitem__("parse", r"^trust (?P<name>\S+)"),
+     "commands.trust_list.parse: no group (?P<fp>...)"),
+])
+def test_a_profile_missing_what_the_harness_reads_is_refused(tmp_path, mutate, says):
+    p = _profile(tmp_path, mutate)
+    with pytest.raises(ConfigError) as ei:
+        load_profile(p)
+    assert str(ei.value).startswith(f"{p}: ") and says in str(ei.value), str(ei.value)

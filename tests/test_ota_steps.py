@@ -3,6 +3,7 @@ and the outcome checks (each must fail on the evidence it exists to catch)."""
 
 from __future__ import annotations
 
+import re
 import time
 from pathlib import Path
 
@@ -161,3 +162,267 @@ def test_a_hidden_rollback_is_reported_unless_the_test_expected_it():
     assert steps.hidden_rollbacks() == [rolled]  # what the ota fixture fails the test with
     rolled.expect_rolled_back(succeeded_first=True)
     assert steps.hidden_rollbacks() == []
+
+
+# ---------------------------------------------------------------- signing at the cart's server time
+
+YEAR = 365 * 86400
+
+
+def test_release_signed_at_a_shifted_server_time_is_valid_at_that_time_only(tmp_path, lab):
+    """A cart whose server time a test moved a year on judges the release at that time: the release must be
+    signed around it, or it would be refused as expired."""
+    unsigned = FirmwareBuilds(Rig.load(RIG), tmp_path).build("1.6.0")
+    now = int(time.time())
+    later = Signer(lab).sign(unsigned, hardware=["rev-c"], now=now + YEAR)
+    manifest = himage.parse_image(later).manifest
+    assert manifest["issued"] == now + YEAR - 3600 and manifest["expires"] == now + YEAR + 30 * 86400
+
+    def at(t):
+        return ota_verify.verify_update(later, trust_store_pems=lab.trust_store(), hardware_revision="rev-c",
+                                        running_version="1.5.0", now=t)
+    assert at(now + YEAR).ok
+    assert at(now).reason == "not yet valid"
+
+
+def test_release_signed_by_an_ephemeral_leaf(tmp_path, lab):
+    unsigned = FirmwareBuilds(Rig.load(RIG), tmp_path).build("1.6.0")
+    now = int(time.time())
+    leaf = lab.issue_signer(ROOT_OLD, now - 400 * 86400, now - 86400)  # expired yesterday
+    signed = Signer(lab).sign(unsigned, hardware=["rev-c"], leaf=leaf, now=now)
+    assert himage.parse_image(signed).certificates()[0] == leaf[1][0]
+    assert _verify(signed, lab).reason == "signer expired"
+    with pytest.raises(ValueError, match="not both"):
+        Signer(lab).sign(unsigned, hardware=["rev-c"], leaf=leaf, signer="lab-root-2025-signer")
+
+
+# ---------------------------------------------------------------- CA updates as the device judges them
+
+
+def _bundle_ota(lab, server_time: int, cas=("lab-root-2025",)):
+    """CartOta for a stand-in cart provisioned with `cas`, whose server time is `server_time`."""
+    from types import SimpleNamespace
+
+    from harness.ota import CartOta
+
+    cart = SimpleNamespace(id="cart-x", config=SimpleNamespace(provisioned_cas=list(cas)))
+    fleet = SimpleNamespace(server_time=lambda thing: server_time)
+    ota = CartOta(cart, None, None, Signer(lab), ["rev-c"])
+    ota.fleet = fleet
+    return ota
+
+
+def _judge(bundle: bytes, lab, now: int, store=("lab-root-2025",)):
+    return ota_verify.verify_trust_bundle(bundle, trust_store_pems=lab.trust_store(store), now=now)
+
+
+@pytest.mark.parametrize(("defect", "reason"), [
+    ({}, None),
+    ({"tamper": "truncated"}, "malformed*"),
+    ({"tamper": "bad-signature"}, "bad signature"),
+    ({"add_leaf": True}, "not a ca"),
+    ({"signer": "rogue-root-signer"}, "untrusted signer"),
+    ({"required_ca": "rogue-root"}, "missing ca"),
+])
+def test_trust_bundle_and_its_defects_as_the_device_judges_them(lab, defect, reason):
+    server = int(time.time()) + 2 * YEAR  # a test moved the cart's server time: the bundle must follow it
+    bundle = _bundle_ota(lab, server).trust_bundle(["lab-root-2026"], **defect)
+    v = _judge(bundle, lab, server)
+    if reason is None:
+        assert v.ok, v
+        assert v.body["required_ca"] == "lab-root-2025" and v.body["overlap_s"] == 90 * 86400
+        assert [a["name"] for a in v.body["add"]] == ["lab-root-2026"]
+        assert v.body["issued"] <= server < v.body["expires"]
+        assert _judge(bundle, lab, int(time.time())).reason == "not yet valid"
+    else:
+        assert v.reason.startswith(reason[:-1]) if reason.endswith("*") else v.reason == reason, v
+
+
+# ---------------------------------------------------------------- deferred updates and CA-update outcomes
+
+
+def _deferred(**kw) -> UpdateOutcome:
+    base = dict(status="IN_PROGRESS", details={"step": "deferred", "reason": "time service unreachable"},
+                outcome="deferred", events={"ota_deferred": [(1.0, "OTA: deferred job=j1: time service unreachable")]})
+    return _outcome(**(base | kw))
+
+
+def test_deferred_checks_reason_console_line_and_that_nothing_was_written():
+    _deferred().expect_deferred("time service unreachable")
+    _deferred().expect_deferred("time service*")
+    with pytest.raises(OtaError, match="expected 'time answer rejected: nonce mismatch'"):
+        _deferred().expect_deferred("time answer rejected: nonce mismatch")
+    with pytest.raises(OtaError, match="expected the update to be deferred .*, got rejected"):
+        _outcome().expect_deferred("time service unreachable")
+    with pytest.raises(OtaError, match="no console line saying the agent deferred"):
+        _deferred(events={"ota_deferred": [(1.0, "OTA: deferred job=other: time service unreachable")]}) \
+            .expect_deferred("time service unreachable")
+    with pytest.raises(OtaError, match="slot.* B changed"):
+        _deferred(hashes_after={"A": "a" * 64, "B": "c" * 64}).expect_deferred("time service unreachable")
+    with pytest.raises(OtaError, match="rebooted"):
+        _deferred(after=_status(boots=6)).expect_deferred("time service unreachable")
+
+
+def _trust(**kw):
+    from harness.ota import TrustOutcome
+
+    old, new = ("lab-root-2025", ("a" * 64, 1800000000)), ("lab-root-2027", ("b" * 64, None))
+    base = dict(cart="cart-x", job_id="j1", target_version="trust bundle", status="SUCCEEDED",
+                details={"step": "done", "cas": "lab-root-2025,lab-root-2027"}, outcome="applied", before=_status(),
+                after=_status(), hashes_before={"A": "a" * 64, "B": "b" * 64},
+                hashes_after={"A": "a" * 64, "B": "b" * 64}, boots=[], rollback_metric=0,
+                events={"ota_trust_updated": [(1.0, "OTA: trust updated cas=lab-root-2027,lab-root-2025")]},
+                trust_before=dict([(old[0], ("a" * 64, None))]), trust_after=dict([old, new]))
+    return TrustOutcome(**(base | kw))
+
+
+def test_ca_update_applied_means_exactly_those_roots_and_nothing_else_touched():
+    want = ["lab-root-2027", "lab-root-2025"]
+    _trust().expect_applied(want)
+    # a firmware that dropped the old root at once: the store, not only the job, must show both
+    dropped = _trust(trust_after={"lab-root-2027": ("b" * 64, None)}, details={"cas": "lab-root-2027"})
+    with pytest.raises(OtaError, match=re.escape("expected ['lab-root-2025', 'lab-root-2027']")):
+        dropped.expect_applied(want)
+    with pytest.raises(OtaError, match="the job reported cas"):
+        _trust(details={"cas": "lab-root-2027"}).expect_applied(want)
+    with pytest.raises(OtaError, match="no console line saying the trust store was updated"):
+        _trust(events={}).expect_applied(want)
+    with pytest.raises(OtaError, match="expected the CA update to be applied, got rejected"):
+        _trust(status="REJECTED", outcome="rejected", details={"reason": "bad signature"}).expect_applied(want)
+    with pytest.raises(OtaError, match="rebooted by a CA update"):
+        _trust(boots=["BOOT: bl=2.1.0 slot=A fw=1.5.0 cfg=cart-x mode=normal"]).expect_applied(want)
+    with pytest.raises(OtaError, match="slot.* A changed by a CA update"):
+        _trust(hashes_after={"A": "c" * 64, "B": "b" * 64}).expect_applied(want)
+
+
+def test_ca_update_rejected_leaves_the_store_entry_for_entry():
+    rejected = dict(status="REJECTED", outcome="rejected", details={"reason": "not a ca"}, events={})
+    same = _trust(**rejected, trust_after=_trust().trust_before)
+    same.expect_rejected("not a ca")
+    with pytest.raises(OtaError, match="rejected for 'not a ca', expected 'bad signature'"):
+        same.expect_rejected("bad signature")
+    with pytest.raises(OtaError, match="the trust store changed although the CA update was rejected"):
+        _trust(**rejected).expect_rejected("not a ca")
+    retired = {"lab-root-2025": ("a" * 64, 1800000000)}  # same roots, but an end of overlap was written
+    with pytest.raises(OtaError, match="the trust store changed"):
+        _trust(**rejected, trust_after=retired).expect_rejected("not a ca")
+
+
+def test_waiting_for_a_job_change_wakes_on_the_change_and_gives_up_at_the_deadline():
+    """Fleet.wait_job_change is woken by the jobs service's listener (which runs under the service's own
+    lock: the wait must never hold its condition while it reads the history)."""
+    import threading
+    from types import SimpleNamespace
+
+    from harness.ota import Fleet
+
+    history: list = []
+    fleet = Fleet.__new__(Fleet)
+    fleet._changes, fleet._change_seq = threading.Condition(), 0
+    fleet.jobs = SimpleNamespace(history=lambda job_id, thing: list(history))
+    deferred = SimpleNamespace(new="IN_PROGRESS", status_details={"step": "deferred"})
+
+    def later():
+        time.sleep(0.2)
+        history.append(SimpleNamespace(new="IN_PROGRESS", status_details={"step": "download"}))
+        fleet._job_changed(history[-1])
+        time.sleep(0.1)
+        history.append(deferred)
+        fleet._job_changed(deferred)
+
+    t = threading.Thread(target=later)
+    t0 = time.monotonic()
+    t.start()
+    got = fleet.wait_job_change("j1", "cart-x", lambda c: c.status_details.get("step") == "deferred", 5.0)
+    t.join()
+    assert got is deferred and time.monotonic() - t0 < 2.0
+    t0 = time.monotonic()
+    assert fleet.wait_job_change("j1", "cart-x", lambda c: c.new == "SUCCEEDED", 0.3) is None
+    assert 0.3 <= time.monotonic() - t0 < 1.5
+
+
+# ---------------------------------------------------------------- the cart's clock, time exchange and device state
+
+
+class _Console:
+    def tail(self) -> str:
+        return ""
+
+
+def _cart(replies: dict[str, list[str]], *, drop: tuple[str, ...] = (), drift_s: float = 0.0):
+    """A Cart of the reference profile whose shell answers from `replies` (command sent -> reply lines);
+    `drop`: commands its firmware family does not have."""
+    from harness.cart import Cart, CartState
+    from harness.config import ClockSpec, load_cart, load_profile
+
+    prof = load_profile(ROOT / "configs/profiles/reference.yaml")
+    prof = prof.model_copy(update={"commands": {k: v for k, v in prof.commands.items() if k not in drop}})
+    cart = Cart.__new__(Cart)
+    cart.id, cart.profile, cart.state, cart.console = "cart-x", prof, CartState.RUNNING, _Console()
+    config = load_cart(ROOT / "configs/carts/cart-01.yaml")
+    cart.config = config.model_copy(update={"clock": ClockSpec(drift_s=drift_s)})
+    cart.sent = []
+
+    def command(key, timeout=5.0, **fmt):
+        text = prof.commands[key].send.format(**fmt)
+        cart.sent.append(text)
+        if text.startswith("rtc set "):
+            return [f"rtc {text.split()[-1]}"]
+        return replies[text]
+    cart.command = command
+    return cart
+
+
+def test_trust_entries_read_the_end_of_overlap_and_the_store_stays_name_to_fingerprint():
+    cart = _cart({"trust list": ["trust count=2", f"trust lab-root-2025 fp={'a' * 64} until=1800000000",
+                                 f"trust lab-root-2027 fp={'b' * 64}"]})
+    assert cart.trust_entries() == {"lab-root-2025": ("a" * 64, 1800000000), "lab-root-2027": ("b" * 64, None)}
+    assert cart.trust_store() == {"lab-root-2025": "a" * 64, "lab-root-2027": "b" * 64}
+
+
+def test_time_sync_and_device_state_are_parsed():
+    from harness.cart import DeviceState, TimeSync
+
+    replies = {"state": ["state counter=3 floor=1790000000 seq=7"], "time sync": ["time ok t=1790000100"]}
+    cart = _cart(replies)
+    assert cart.device_state() == DeviceState(3, 1790000000)
+    assert cart.time_sync() == TimeSync("ok", 1790000100, "")
+    replies["time sync"] = ["time rejected: nonce mismatch"]
+    assert cart.time_sync() == TimeSync("rejected", None, "nonce mismatch")
+    replies["time sync"] = ["time unreachable"]
+    assert cart.time_sync() == TimeSync("unreachable", None, "")
+
+
+def test_a_family_without_the_commands_says_the_check_cannot_run_on_it():
+    from harness.cart import CartError
+
+    cart = _cart({}, drop=("device_state", "time_sync"))
+    with pytest.raises(CartError, match="cart-x: cannot read the device state: .* no 'device_state' command "
+                                        r"\(the check cannot run on this family\)"):
+        cart.device_state()
+    with pytest.raises(CartError, match="no 'time_sync' command"):
+        cart.time_sync()
+
+
+def test_clock_is_read_set_and_skewed_in_utc_and_drift_comes_from_the_configuration():
+    import datetime as dt
+
+    from harness.cart import CartError
+
+    cart = _cart({"rtc get": ["rtc 2026-03-01T12:00:05Z"]}, drift_s=-43200)
+    assert cart.clock() == dt.datetime(2026, 3, 1, 12, 0, 5, tzinfo=dt.UTC)
+    assert cart.set_clock(dt.datetime(2031, 1, 2, 3, 4, 5, tzinfo=dt.UTC)).year == 2031
+    assert cart.sent[-1] == "rtc set 2031-01-02T03:04:05Z"
+    for move, expected in ((lambda: cart.skew_clock(3 * YEAR), 3 * YEAR), (cart.apply_drift, -43200)):
+        before = time.time()
+        got = move()
+        assert abs(got.timestamp() - (before + expected)) <= 2.0, (got, expected)
+    with pytest.raises(ValueError, match="aware datetime"):
+        cart.set_clock(dt.datetime(2031, 1, 2))
+    bad = _cart({"rtc get": ["rtc yesterday"]})
+    with pytest.raises(CartError, match="'yesterday' is not a time"):
+        bad.clock()
+    stuck = _cart({})
+    stuck.command = lambda key, timeout=5.0, **fmt: ["rtc 2020-01-01T00:00:00Z"]  # an RTC that does not take it
+    with pytest.raises(CartError, match="rtc set 2031-01-02T03:04:05Z: the RTC reads back 2020-01-01T00:00:00Z"):
+        stuck.set_clock(dt.datetime(2031, 1, 2, 3, 4, 5, tzinfo=dt.UTC))

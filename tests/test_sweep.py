@@ -84,6 +84,20 @@ def test_reduced_keeps_every_fifth_and_every_bcb_write_and_two_random_cuts(event
     assert select_points(events, "reduced", seed=4) != points
 
 
+def test_reduced_cuts_every_state_and_trust_store_write():
+    """The device state and the trust store are kept in two copies like boot control: every write of
+    them is cut in the gate's sweep, wherever it falls, and nothing merely named like them."""
+    lines = UPDATE[:4] + ["EV: state-write copy=1 seq=3 t=1210000000", "EV: trust-write copy=0 seq=1 t=1220000000",
+                          "EV: time-request try=1 t=1230000000", "EV: statement t=1240000000"] + UPDATE[4:]
+    events = parse_events(lines, EVENT)
+    assert [(e.key, e.position) for e in events[3:7]] == [("state-write#1", 3), ("trust-write#1", 4),
+                                                          ("time-request#1", 5), ("statement#1", 6)]
+    at = [p.event.key for p in select_points(events, "reduced", seed=3) if p.kind == "event"]
+    assert "state-write#1" in at and "trust-write#1" in at  # positions 3 and 4: not among every 5th
+    assert "statement#1" not in at
+    assert [k for k in at if k.startswith("bcb-write")] == ["bcb-write#1", "bcb-write#2", "bcb-write#3"]
+
+
 def test_full_covers_every_event_and_ten_random_cuts(events):
     points = select_points(events, "full", seed=1)
     assert [p.event for p in points if p.kind == "event"] == events

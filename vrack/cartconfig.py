@@ -36,6 +36,7 @@ MAX_SENSORS = 32
 MAX_PROVISIONED_CAS = 16
 MAX_VALUES = 100_000  # values in one file, aliases counted each time they are used
 MAX_DEPTH = 32
+MAX_CLOCK_DRIFT_S = 100 * 365 * 86400  # `clock.drift_s`: a cart's RTC error as deployed, at most 100 years either way
 
 ID_RE = re.compile(r"[a-z0-9][a-z0-9-]*")
 VERSION_RE = re.compile(r"\d{1,9}\.\d{1,9}\.\d{1,9}")
@@ -280,6 +281,7 @@ class CartConfig:
     firmware: FirmwareInfo
     draw: Draw
     provisioned_cas: tuple[str, ...]
+    clock_drift_s: float = 0.0  # `clock.drift_s` (optional): how far the RTC is off UTC as deployed, + ahead
     source: str = "<mapping>"
     raw: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
@@ -335,6 +337,22 @@ class _Reader:
                                   f"got {printable(value)}")
         return float(value)
 
+    def drift(self) -> float:
+        """`clock.drift_s`: optional (0 when it or `clock` is absent), finite, within ±MAX_CLOCK_DRIFT_S seconds."""
+        if "clock" not in self.data:
+            return 0.0
+        clock = self.data["clock"]
+        if not isinstance(clock, Mapping):
+            raise self.fail("clock", f"expected a mapping, got {printable(clock)}")
+        if "drift_s" not in clock:
+            return 0.0
+        value = clock["drift_s"]
+        if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+            raise self.fail("clock.drift_s", f"expected a number of seconds, got {printable(value)}")
+        if abs(value) > MAX_CLOCK_DRIFT_S:
+            raise self.fail("clock.drift_s", f"{value:g} s is more than 100 years ({MAX_CLOCK_DRIFT_S} s) either way")
+        return float(value)
+
     def strings(self, name: str, limit: int, *, ids: bool = False) -> tuple[str, ...]:
         value = self.get(name)
         if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
@@ -377,6 +395,7 @@ def config_from_mapping(data: Any, source: str = "<mapping>") -> CartConfig:
         firmware=FirmwareInfo(r.ident("firmware.family"), version),
         draw=Draw(r.number("draw.booting"), r.number("draw.idle"), r.number("draw.flash_write")),
         provisioned_cas=r.strings("provisioned_cas", MAX_PROVISIONED_CAS, ids=True),
+        clock_drift_s=r.drift(),
         source=source,
         raw=dict(data),
     )
