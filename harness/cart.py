@@ -341,10 +341,11 @@ class Cart:
         m = self.query("device_state")
         return DeviceState(int(m["counter"]), int(m["floor"]))
 
-    def time_sync(self) -> TimeSync:
-        """Ask the device to run one signed time exchange with the time service now."""
+    def time_sync(self, tries: int = 3) -> TimeSync:
+        """Ask the device to run one signed time exchange with the time service now, of up to `tries`
+        requests (an update's exchange makes 3; one is enough to see how a single answer is judged)."""
         self._optional("time_sync", "run a time exchange")
-        m = self.query("time_sync", timeout=TIME_SYNC_S)
+        m = self.query("time_sync", timeout=TIME_SYNC_S, tries=tries)
         return TimeSync(m["result"], int(m["t"]) if m["t"] else None, m["reason"] or "")
 
     def slot_status(self) -> SlotStatus:

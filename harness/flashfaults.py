@@ -16,7 +16,7 @@ the suites skip, saying the rig cannot inject flash faults.
 Pages are absolute page indexes of the cart's flash. The layout is a published interface
 (docs/flash-layout.md) re-derived here from the cart's geometry (`CartConfig.flash`), never imported
 from the rack: BCB copies at pages 0 and 1, slot A from page 2, slot B after it, then the trust store
-(4 pages) and the fleet settings (2 pages).
+(4 pages: two copies of 2), the fleet settings (2 pages) and the device state (2 pages).
 
 Every error is one line naming the rack's URL, the slot and the cart, and ends with the rack's own
 one-line reason where it gave one.
@@ -40,6 +40,7 @@ SLOTS = ("A", "B")
 BCB_PAGES = 2
 TRUST_PAGES = 4
 SETTINGS_PAGES = 2
+STATE_PAGES = 2
 
 
 class FlashFaultError(Exception):
@@ -66,8 +67,8 @@ class FlashLayout:
 
     @property
     def page_count(self) -> int:
-        """Pages of the whole device: 8 + 2 S/P."""
-        return BCB_PAGES + 2 * self.slot_pages + TRUST_PAGES + SETTINGS_PAGES
+        """Pages of the whole device: 10 + 2 S/P."""
+        return BCB_PAGES + 2 * self.slot_pages + TRUST_PAGES + SETTINGS_PAGES + STATE_PAGES
 
     def bcb_page(self, copy: int) -> int:
         if copy not in (0, 1):
@@ -93,6 +94,10 @@ class FlashLayout:
     def settings_first_page(self) -> int:
         return self.trust_first_page + TRUST_PAGES
 
+    @property
+    def state_first_page(self) -> int:
+        return self.settings_first_page + SETTINGS_PAGES
+
     def pages_for(self, nbytes: int) -> int:
         """Pages an image of `nbytes` occupies (the pages the agent erases and writes)."""
         return -(-nbytes // self.page_size)
@@ -109,7 +114,9 @@ class FlashLayout:
                 return f"page {page - first} of slot {slot}"
         if page < self.settings_first_page:
             return f"page {page - self.trust_first_page} of the trust store"
-        return f"page {page - self.settings_first_page} of the fleet settings"
+        if page < self.state_first_page:
+            return f"page {page - self.settings_first_page} of the fleet settings"
+        return f"page {page - self.state_first_page} of the device state"
 
 
 # ---------------------------------------------------------------- the fault document

@@ -10,10 +10,11 @@
                                 that validity (clock scenarios), never written to the directory
 
 Layout (all ECDSA P-256): the roots "lab-root-2025" (old), "lab-root-2026" (new),
-"lab-root-2027" (the next rotation, which no cart configuration has) and the untrusted "rogue-root"; under each an intermediate "<root>-int" and under that a
-code-signing leaf "<root>-signer" (EKU codeSigning, key usage digitalSignature) and a
-time-stamping leaf "<root>-time" (EKU timeStamping, key usage digitalSignature) that signs
-the time service's answers. `init()` adds leaves a newer layout has to an existing directory.
+"lab-root-2027" (the next rotation, which no cart configuration has) and the untrusted
+"rogue-root"; under each an intermediate "<root>-int" and under that a code-signing leaf
+"<root>-signer" (EKU codeSigning, key usage digitalSignature) and a time-stamping leaf
+"<root>-time" (EKU timeStamping, key usage digitalSignature) that signs the time service's answers.
+`init()` adds what a newer layout has to an existing directory.
 
 Files in the directory: `<name>.pem` (certificate) and `<name>.key` (PKCS#8 private key,
 unencrypted, created with mode 0600 through os.open so it is never readable by others even

@@ -30,21 +30,23 @@ def test_layout_agrees_with_the_rack_for_every_cart(path):
     geo = load_cart(path).flash
     ours, racks = FlashLayout.of(geo), Layout(geo.page_size, geo.slot_size)
     assert ours.page_count == racks.page_count
-    assert ours.page_count * geo.page_size == 8 * geo.page_size + 2 * geo.slot_size  # the flash file's size
+    assert ours.page_count * geo.page_size == 10 * geo.page_size + 2 * geo.slot_size  # the flash file's size
     for slot in "AB":
         assert ours.slot_first_page(slot) == racks.slot_first_page(slot)
         assert ours.slot_page(slot, ours.slot_pages - 1) == racks.slot_first_page(slot) + racks.slot_pages - 1
     assert ours.trust_first_page == racks.trust_first_page
     assert ours.settings_first_page == racks.settings_first_page
+    assert ours.state_first_page == racks.state_first_page
 
 
 def test_pages_of_a_slot_and_what_a_page_is():
-    lay = FlashLayout(2048, 1048576)  # cart-06: 512 pages a slot, 1032 in all
+    lay = FlashLayout(2048, 1048576)  # cart-06: 512 pages a slot, 1034 in all
     assert (lay.slot_page("A", 0), lay.slot_page("B", 0), lay.slot_page("B", 511)) == (2, 514, 1025)
     assert lay.pages_for(192 * 1024) == 96 and lay.pages_for(192 * 1024 + 1) == 97
-    assert [lay.region_of(p) for p in (1, 40, 600, 1027, 1031, 1032)] == [
+    assert [lay.region_of(p) for p in (1, 40, 600, 1027, 1031, 1032, 1033, 1034)] == [
         "boot control copy 1", "page 38 of slot A", "page 86 of slot B", "page 1 of the trust store",
-        "page 1 of the fleet settings", "outside the device (pages 0..1031)"]
+        "page 1 of the fleet settings", "page 0 of the device state", "page 1 of the device state",
+        "outside the device (pages 0..1033)"]
     with pytest.raises(ValueError, match=r"^page 512 of slot B: a slot has pages 0\.\.511$"):
         lay.slot_page("B", 512)
     with pytest.raises(ValueError, match=r"page -1 of slot A"):
@@ -108,9 +110,9 @@ def test_refusals_name_the_slot_and_give_the_racks_reason(rack):
     faults = control.cart(bench.cart("cart-06"))
     faults.set(erase_fail=[600])
     with pytest.raises(FlashFaultError) as exc:
-        faults.set(erase_fail=[1032])
+        faults.set(erase_fail=[1034])
     assert str(exc.value) == (f"rack control {control.url}: slot 2 (cart-06): setting flash faults refused "
-                              f"(HTTP 400): erase_fail[0]: page 1032 is outside the device (pages 0..1031)")
+                              f"(HTTP 400): erase_fail[0]: page 1034 is outside the device (pages 0..1033)")
     with pytest.raises(FlashFaultError, match=r"slot 2 \(cart-06\): .* \(HTTP 400\): bitflip\[0\]\.mask: "):
         faults.set(bitflip=[BitFlip(600, offset=0, mask=0)])
     assert faults.get() == FlashFaults((600,)), "a refusal changes nothing"

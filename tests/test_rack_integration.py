@@ -105,7 +105,7 @@ def test_blank_cart_never_boots_and_is_quarantined(rig_factory, tmp_path):
     geo = rig.slot_for("cart-04").cart.flash
     flash = rig.run_dir / "flash" / "slot02.bin"
     flash.parent.mkdir(parents=True)
-    flash.write_bytes(b"\xff" * (8 * geo.page_size + 2 * geo.slot_size))  # a blank part, as from the reel
+    flash.write_bytes(b"\xff" * (10 * geo.page_size + 2 * geo.slot_size))  # a blank part, as from the reel
     pid = start_rack(rig, owner_pid=os.getpid())
     bench = Bench(rig, tmp_path / "consoles")
     try:

@@ -20,7 +20,7 @@ import yaml
 
 from vrack import factory
 from vrack.cartconfig import CartConfigError, config_from_mapping, load_cart
-from vrack.flash import BootControl, Flash
+from vrack.flash import BootControl, Flash, TrustStore, encode_state, encode_trust, read_trust
 from vrack.image import build_image
 
 REPO = Path(__file__).resolve().parents[1]
@@ -294,6 +294,38 @@ def test_recovery_rejects_a_transfer_whose_hash_differs(vcart):
     vcart.expect(r"error load: bad size 600000 \(1\.\.524288\)\r\nrecovery> ")
     trust = factory.trust_blob([{"name": "lab-root-2026", "pem": "PEM"}])
     assert vcart.recovery_send("trust", trust)[-1] == f"ok trust {len(trust)} {hashlib.sha256(trust).hexdigest()}"
+
+
+def test_recovery_trust_writes_copy_0_erases_copy_1_and_state_reset_erases_the_device_state(vcart):
+    """The factory store wins whatever seq the store a CA update left in copy 1 had, and the device state
+    (security counter, time floor) goes back to none."""
+    with vcart.flash() as f:
+        lay = f.layout
+        f.write_pages(lay.trust_copy_first_page(1), encode_trust([{"name": "lab-root-2027", "pem": ""}], seq=9))
+        f.write_page(lay.state_first_page + 1, encode_state(4, 3, 1790000000))
+    vcart.power_on()
+    vcart.expect(r"BL: press any key for recovery")
+    vcart.send("\r")
+    vcart.expect(r"recovery> ")
+    trust = factory.trust_blob([{"name": "lab-root-2026", "pem": ""}])
+    assert vcart.recovery_send("trust", trust) == ["trust: page 1/1", f"ok trust {len(trust)} "
+                                                                       f"{hashlib.sha256(trust).hexdigest()}"]
+    assert vcart.command("state reset", "recovery> ") == ["ok state reset"]
+    with vcart.flash() as f:
+        assert read_trust(f.read(lay.trust_offset, lay.trust_size), 4096) == TrustStore(
+            [{"name": "lab-root-2026", "pem": ""}], 0, 0)
+        assert f.read(lay.trust_copy_offset(1), lay.trust_copy_size) == b"\xff" * lay.trust_copy_size
+        assert f.read(lay.state_offset, lay.state_size) == b"\xff" * lay.state_size
+    vcart.send("boot\r\n")
+    vcart.boot_to_shell()
+    assert vcart.command("trust list") == ["trust count=1", "trust lab-root-2026 fp=-"]
+    assert vcart.command("state") == ["state counter=0 floor=0 seq=0"]
+    size = 2 * 4096 + 1
+    vcart.send("reboot\r\n")
+    vcart.expect(r"BL: press any key for recovery")
+    vcart.send("\r")
+    vcart.expect(r"recovery> ")
+    assert vcart.command(f"trust {size} {'0' * 64}", "recovery> ") == [f"error trust: bad size {size} (1..8192)"]
 
 
 def test_corrupt_active_slot_falls_back_to_the_other(vcart):

@@ -1,4 +1,5 @@
-"""Flash file, layout, redundant boot control block, trust-store blob, factory provisioning."""
+"""Flash file, layout, redundant boot control block, trust store (two copies), device state (two
+copies), factory provisioning."""
 
 from __future__ import annotations
 
@@ -16,9 +17,11 @@ from vrack.cartconfig import FlashGeometry
 from vrack.flash import (
     BCB_SIZE,
     STATE_IDLE,
+    STATE_SIZE,
     STATE_WRITING,
     Bcb,
     BootControl,
+    DeviceState,
     Flash,
     FlashError,
     FlashFault,
@@ -26,12 +29,18 @@ from vrack.flash import (
     OpenWrite,
     StateByte,
     TrustError,
+    TrustStore,
     decode_bcb,
+    decode_state,
     decode_trust,
+    decode_trust_copy,
     encode_bcb,
+    encode_state,
     encode_trust,
     parse_faults,
     read_open_write,
+    read_state,
+    read_trust,
     tear_open_write,
     tear_point,
 )
@@ -62,12 +71,16 @@ def test_layout(page, slot):
     assert lay.slot_offset("A") == 2 * page
     assert lay.slot_offset("B") == 2 * page + slot
     assert lay.trust_offset == 2 * page + 2 * slot
+    assert [lay.trust_copy_offset(c) for c in (0, 1)] == [lay.trust_offset, lay.trust_offset + 2 * page]
+    assert lay.trust_copy_size == 2 * page and lay.trust_copy_first_page(1) == lay.trust_first_page + 2
     assert lay.settings_offset == 6 * page + 2 * slot
-    assert lay.total_size == 8 * page + 2 * slot
+    assert lay.state_offset == 8 * page + 2 * slot and lay.state_size == 2 * page
+    assert lay.state_first_page == lay.settings_first_page + 2 and lay.page_count == lay.state_first_page + 2
+    assert lay.total_size == 10 * page + 2 * slot
 
 
 def test_new_flash_is_erased_and_sized(flash):
-    assert flash.path.stat().st_size == 8 * 4096 + 2 * 524288
+    assert flash.path.stat().st_size == 10 * 4096 + 2 * 524288
     assert flash.read(0, flash.layout.total_size) == b"\xff" * flash.layout.total_size
 
 
@@ -75,6 +88,15 @@ def test_wrong_geometry_is_refused(tmp_path):
     Flash.create(tmp_path / "f.bin", GEOMETRY)
     with pytest.raises(FlashError, match="needs"):
         Flash(tmp_path / "f.bin", replace(GEOMETRY, page_size=2048))
+
+
+def test_a_flash_file_of_the_layout_before_the_device_state_is_refused_clearly(tmp_path):
+    path = tmp_path / "old.bin"
+    path.write_bytes(b"\xff" * (8 * 4096 + 2 * 524288))
+    with pytest.raises(FlashError) as exc:
+        Flash(path, GEOMETRY)
+    assert str(exc.value) == (f"{path}: 1081344 bytes, but page_size=4096 slot_size=524288 needs 1089536 (the "
+                              "layout before the device-state region: provision it again)")
 
 
 def test_write_page_pads_and_bounds(flash):
@@ -192,6 +214,73 @@ def test_trust_blob_roundtrip_and_damage():
     assert encode_trust(cas) == blob
 
 
+def test_trust_copies_carry_seq_and_retirement():
+    cas = [{"name": "lab-root-2025", "pem": "P1", "until": 1790000000}, {"name": "lab-root-2026", "pem": "P2"}]
+    blob = encode_trust(cas, seq=7)
+    assert json.loads(blob[16:]) == {"cas": cas, "seq": 7}
+    assert decode_trust_copy(blob) == (cas, 7) and decode_trust(blob) == cas
+    assert factory.trust_blob(cas[1:]) == encode_trust(cas[1:], seq=0)  # the factory's store: seq 0
+    old = b"TRST" + (1).to_bytes(2, "little") + (1).to_bytes(2, "little")  # a store written before seq existed
+    body = b'{"cas":[{"name":"a","pem":""}]}'
+    import zlib
+    old += len(body).to_bytes(4, "little") + zlib.crc32(body).to_bytes(4, "little") + body
+    assert decode_trust_copy(old) == ([{"name": "a", "pem": ""}], 0)
+    for bad in ({"cas": [{"name": "a", "pem": "", "until": -1}], "seq": 0},
+                {"cas": [{"name": "a", "pem": "", "until": True}], "seq": 0},
+                {"cas": [{"name": "a", "pem": ""}], "seq": "1"}):
+        raw = json.dumps(bad, sort_keys=True, separators=(",", ":")).encode()
+        framed = b"TRST\x01\x00\x01\x00" + len(raw).to_bytes(4, "little") + zlib.crc32(raw).to_bytes(4, "little") + raw
+        with pytest.raises(TrustError, match="bad body"):
+            decode_trust_copy(framed)
+    with pytest.raises(TrustError, match="until"):
+        encode_trust([{"name": "a", "pem": "", "until": -5}])
+
+
+def region(copy0: bytes | None, copy1: bytes | None, page: int = 2048) -> bytes:
+    """A trust-store region of two copies (None: erased)."""
+    def pad(b):
+        return (b or b"").ljust(2 * page, b"\xff")
+    return pad(copy0) + pad(copy1)
+
+
+def test_the_trust_store_is_the_valid_copy_with_the_highest_seq():
+    a, b = [{"name": "a", "pem": ""}], [{"name": "b", "pem": ""}]
+    assert read_trust(region(encode_trust(a, 0), None), 2048) == TrustStore(a, 0, 0)
+    assert read_trust(region(encode_trust(a, 3), encode_trust(b, 4)), 2048) == TrustStore(b, 4, 1)
+    assert read_trust(region(encode_trust(a, 5), encode_trust(b, 4)), 2048) == TrustStore(a, 5, 0)
+    assert read_trust(region(encode_trust(a, 4), encode_trust(b, 4)), 2048) == TrustStore(a, 4, 0)  # tie: copy 0
+    torn = encode_trust(b, 9)[:-2] + b"\x00\x00"
+    assert read_trust(region(encode_trust(a, 2), torn), 2048) == TrustStore(a, 2, 0)
+    assert read_trust(region(None, encode_trust(b, 1)), 2048) == TrustStore(b, 1, 1)
+    with pytest.raises(TrustError, match="^erased$"):
+        read_trust(region(None, None), 2048)
+    with pytest.raises(TrustError, match="^bad crc$"):  # neither valid: copy 0's reason
+        read_trust(region(encode_trust(a, 1)[:-1] + b"\x00", None), 2048)
+
+
+def test_device_state_records_and_the_winner():
+    raw = encode_state(3, 7, 1790000000)
+    assert len(raw) == STATE_SIZE == 32 and raw[:4] == b"CDST"
+    assert decode_state(raw + b"\xff" * 100) == DeviceState(7, 1790000000, 3)
+    assert decode_state(b"\xff" * 32) is None and decode_state(raw[:31]) is None
+    assert decode_state(raw[:-1] + bytes([raw[-1] ^ 1])) is None
+    page = 4096
+
+    def reg(c0, c1):
+        return (c0 or b"").ljust(page, b"\xff") + (c1 or b"").ljust(page, b"\xff")
+
+    assert read_state(reg(None, None), page) == DeviceState(0, 0, 0, None)
+    assert read_state(reg(encode_state(1, 1, 10), None), page) == DeviceState(1, 10, 1, 0)
+    assert read_state(reg(encode_state(1, 1, 10), encode_state(2, 2, 20)), page) == DeviceState(2, 20, 2, 1)
+    assert read_state(reg(encode_state(3, 1, 30), encode_state(2, 2, 20)), page) == DeviceState(1, 30, 3, 0)
+    assert read_state(reg(encode_state(1, 1, 10), encode_state(2, 2, 20)[:20]), page) == DeviceState(1, 10, 1, 0)
+    rng = random.Random(4)
+    for _ in range(2000):  # never raises on damage
+        data = bytearray(raw)
+        data[rng.randrange(32)] = rng.randrange(256)
+        decode_state(bytes(data[:rng.randrange(33)]))
+
+
 def test_provision_flash(tmp_path):
     img = factory.build_image("1.4.2")
     trust = factory.trust_blob([{"name": "lab-root-2025", "pem": ""}])
@@ -203,11 +292,23 @@ def test_provision_flash(tmp_path):
         assert BootControl(f).read() == Bcb(seq=1, active="A", confirmed=True)
         trust_store = f.read(f.layout.trust_offset, f.layout.trust_size)
         assert decode_trust(trust_store) == [{"name": "lab-root-2025", "pem": ""}]
+        assert read_trust(trust_store, 4096) == TrustStore([{"name": "lab-root-2025", "pem": ""}], 0, 0)
+        assert trust_store[2 * 4096:] == b"\xff" * 8192, "copy 1 erased"
         assert f.read(f.layout.settings_offset, 2 * 4096) == b"\xff" * 8192
+        assert f.read(f.layout.state_offset, f.layout.state_size) == b"\xff" * 8192, "device state erased"
     with pytest.raises(ValueError, match="not bootable"):
         factory.provision_flash(tmp_path / "bad.bin", CART, img[:100], trust)
-    with pytest.raises(ValueError, match="exceeds the"):
-        factory.provision_flash(tmp_path / "bad.bin", CART, img, b"x" * 20000)
+    with pytest.raises(ValueError, match=r"^cart-t1: trust store of 8193 bytes does not fit one trust-store copy "
+                                         r"\(2 pages of 4096 bytes = 8192\)$"):
+        factory.provision_flash(tmp_path / "bad.bin", CART, img, b"x" * 8193)
+
+
+def test_trust_blob_must_fit_one_copy_of_the_carts_page_size():
+    big = [{"name": f"r{i}", "pem": "x" * 1000} for i in range(4)]
+    assert len(factory.trust_blob(big, page_size=4096)) < 8192
+    with pytest.raises(ValueError, match=r"^trust store of \d+ bytes does not fit one trust-store copy \(2 pages "
+                                         r"of 2048 bytes = 4096\)$"):
+        factory.trust_blob(big, page_size=2048)
 
 
 def test_write_factory(tmp_path):
@@ -429,7 +530,7 @@ def test_fault_check_costs_one_stat(faulty):
     ([], r"expected a JSON object"),
     ({"erase_fail": [1], "bogus": []}, r"unknown key 'bogus'"),
     ({"erase_fail": 3}, r"erase_fail: expected a list"),
-    ({"erase_fail": [300]}, r"erase_fail\[0\]: page 300 is outside the device \(pages 0\.\.263\)"),
+    ({"erase_fail": [300]}, r"erase_fail\[0\]: page 300 is outside the device \(pages 0\.\.265\)"),
     ({"program_fail": [-1]}, r"outside the device"),
     ({"program_fail": [True]}, r"expected a page index \(integer\), got bool"),
     ({"program_fail": [1.0]}, r"got float"),
@@ -438,7 +539,7 @@ def test_fault_check_costs_one_stat(faulty):
     ({"bitflip": [{"page": 2, "offset": 4096, "mask": 1}]}, r"offset: expected an integer 0\.\.4095"),
     ({"bitflip": [{"page": 2, "offset": 0, "mask": 0}]}, r"mask: expected an integer 1\.\.255"),
     ({"bitflip": [{"page": 2, "offset": 0, "mask": 256}]}, r"mask"),
-    ({"bitflip": [{"page": 264, "offset": 0, "mask": 1}]}, r"bitflip\[0\]\.page: page 264 is outside"),
+    ({"bitflip": [{"page": 266, "offset": 0, "mask": 1}]}, r"bitflip\[0\]\.page: page 266 is outside"),
     ({"bitflip": [{"page": 2, "offset": 9, "mask": 1}, {"page": 2, "offset": 9, "mask": 4}]},
      r"the same page and offset is listed twice"),
     ({"erase_fail": list(range(264)), "program_fail": list(range(264)),

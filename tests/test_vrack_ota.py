@@ -32,6 +32,7 @@ from harness.fleet.imagehost import ImageHost
 from harness.fleet.jobs import TERMINAL, JobsService
 from harness.fleet.mqtt import MqttClient
 from harness.fleet.telemetry import Telemetry
+from harness.fleet.timesvc import TimeService
 from harness.image import sign_image
 from vrack import factory
 from vrack.bootloader import BcbService
@@ -210,7 +211,7 @@ def host(clock):
 
 
 class Lab:
-    """One test's cart (with fleet settings) and the jobs service that answers it."""
+    """One test's cart (with fleet settings), the jobs service and the time service that answer it."""
 
     def __init__(self, tmp_path, lab_pki, broker, mqtt, host, telemetry, **boot):
         self.pki = lab_pki
@@ -222,22 +223,27 @@ class Lab:
         workdir.mkdir()
         self.cart = OtaCart(workdir, ota_config(self.thing, **boot))
         self.jobs = JobsService(mqtt, host, things=[self.thing])
+        self.time = TimeService.for_pki(mqtt, lab_pki)
+        self.time.serve(self.thing)
         self._ids = itertools.count(1)
 
     def provision(self, version: str = "1.4.2", settings: bool = True,
-                  image_hosts: tuple[str, ...] | None = (HOST,), faults: dict | None = None) -> None:
+                  image_hosts: tuple[str, ...] | None = (HOST,), faults: dict | None = None,
+                  defer_s: float | None = None, image: bytes | None = None) -> None:
         """`image_hosts` None: fleet settings of the old format, without the list. `faults`: the
-        factory image (slot A) is that fault build."""
+        factory image (slot A) is that fault build; `image`: this image instead. `defer_s`: the
+        settings' first back-off of a deferred job (else the firmware's 30 s)."""
         ca, cert, key = self.broker.ensure_client_cert(self.thing)
         blob = factory.settings_blob(self.thing, HOST, self.broker.port, ca.read_text(), cert.read_text(),
-                                     key.read_text(), image_hosts=image_hosts or ()) if settings else None
+                                     key.read_text(), image_hosts=image_hosts or (),
+                                     defer_s=defer_s) if settings else None
         if settings and image_hosts is None:
             old = decode_settings(blob)
             del old["image_hosts"]
             blob = encode_settings(old)
         trust = factory.trust_blob([{"name": pki.ROOT_OLD, "pem": self.pki.root_pem(pki.ROOT_OLD)}])
-        factory.provision_flash(self.cart.flash_path, self.cart.config, factory.build_image(version, faults=faults),
-                                trust, blob)
+        factory.provision_flash(self.cart.flash_path, self.cart.config,
+                                image or factory.build_image(version, faults=faults), trust, blob)
 
     def sign(self, unsigned: bytes, **kw) -> bytes:
         now = int(time.time())
@@ -273,6 +279,7 @@ class Lab:
     def close(self) -> None:
         self.cart.close()
         self.jobs.close()
+        self.time.close()
 
 
 @pytest.fixture
@@ -734,6 +741,9 @@ def test_build_checksum_line():
     ({"operation": "ota", "target_version": "1.6.0", "url": "http://h/x", "sha256": "ab" * 32, "size": 1.5},
      "size"),
     ({"operation": "ota", "target_version": "1.6.0", "url": "http://h/x", "sha256": "ab" * 32, "size": 0}, "size"),
+    ({"operation": "TRUST", "url": "http://h/x", "sha256": "ab" * 32, "size": 10}, "operation"),
+    ({"operation": "trust", "url": 7, "sha256": "ab" * 32, "size": 10}, "url"),
+    ({"operation": "trust", "url": "http://h/x", "sha256": "ab" * 32, "size": -1}, "size"),
 ])
 def test_job_document_checks(doc, field):
     assert reference.check_job_document(doc) == (None, field)
@@ -743,7 +753,13 @@ def test_job_document_extra_keys_are_fine():
     doc = {"operation": "ota", "target_version": "1.6.0", "url": "https://h:8443/x?y=1", "sha256": "AB" * 32,
            "size": 1000, "note": {"any": ["thing"]}}
     assert reference.check_job_document(doc) == (
-        {"target_version": "1.6.0", "url": doc["url"], "sha256": "ab" * 32, "size": 1000}, None)
+        {"operation": "ota", "target_version": "1.6.0", "url": doc["url"], "sha256": "ab" * 32, "size": 1000}, None)
+
+
+def test_a_ca_update_document_has_no_target_version():
+    doc = {"operation": "trust", "url": "http://h/b", "sha256": "CD" * 32, "size": 900, "target_version": "x"}
+    assert reference.check_job_document(doc) == (
+        {"operation": "trust", "url": "http://h/b", "sha256": "cd" * 32, "size": 900}, None)
 
 
 def test_an_unexpected_error_in_a_job_is_reported_failed():
@@ -761,6 +777,9 @@ def test_an_unexpected_error_in_a_job_is_reported_failed():
             return "accepted", {}
 
         _finish = reference.Agent._finish
+
+        def _cancel_deferral(self):
+            pass
 
         def ev(self, name, reprompt=True, **detail):
             events.append((name, detail))
@@ -794,7 +813,7 @@ def test_any_job_document_is_accepted_or_refused_by_field_and_never_raises(doc):
     ok, field = reference.check_job_document(doc)
     assert (ok is None) != (field is None)
     if ok is not None:
-        assert set(ok) == {"target_version", "url", "sha256", "size"}
+        assert set(ok) == {"operation", "target_version", "url", "sha256", "size"}
         assert 0 < ok["size"] < 2**32 and len(ok["sha256"]) == 64
     else:
         assert field in ("operation", "target_version", "url", "sha256", "size")
@@ -830,8 +849,8 @@ def test_unusable_image_host_lists_allow_nothing(hosts):
 # --- event lines (cut targets) -------------------------------------------------------------------
 
 PROFILE = Path(__file__).resolve().parents[1] / "configs" / "profiles" / "reference.yaml"
-FIRMWARE_EVENTS = ("download", "verify", "erase", "write", "readback", "set-pending", "job-report",
-                   "reset-for-trial", "self-test", "report-succeeded", "mark-good", "metric-publish",
+FIRMWARE_EVENTS = ("time-request", "state-write", "download", "verify", "erase", "write", "readback", "set-pending",
+                   "job-report", "reset-for-trial", "self-test", "report-succeeded", "mark-good", "metric-publish",
                    "report-failed")
 
 
@@ -875,8 +894,10 @@ def test_event_lines_of_an_uninterrupted_update(make_lab):
     assert stamps[0] > 0 and stamps[-1] <= time.monotonic_ns()
     mine = [m for m in events if m.group("name") in FIRMWARE_EVENTS]  # the bootloader's own are not the agent's
     runs = [name for name, _ in itertools.groupby(m.group("name") for m in mine)]
-    assert runs == ["self-test", "download", "verify", "erase", "write", "readback", "set-pending", "job-report",
-                    "reset-for-trial", "self-test", "report-succeeded", "mark-good"], runs
+    assert runs == ["self-test", "time-request", "state-write", "download", "verify", "erase", "write", "readback",
+                    "set-pending", "job-report", "reset-for-trial", "self-test", "report-succeeded", "mark-good"], runs
+    assert [detail(m) for m in mine if m.group("name") in ("time-request", "state-write")] == [
+        {"try": "1"}, {"copy": "0", "seq": "1"}]  # one exchange; the first floor goes into copy 0
     by = {name: [detail(m) for m in mine if m.group("name") == name] for name in FIRMWARE_EVENTS}
     offsets = [int(d["off"]) for d in by["download"]]
     assert offsets[0] == 0 and offsets == sorted(set(offsets)) and offsets[-1] < len(image)
@@ -1030,8 +1051,9 @@ class UnitCart:
         fw = self.module.Firmware(self.hal)
         agent = self.module.Agent(fw, SETTINGS)
         agent._download = lambda job_id, doc: image
-        agent._verify = lambda data: type("Verdict", (), {"ok": True, "reason": None, "ca": "lab-root-2025",
-                                                         "manifest": {"firmware_version": "1.6.0"}})()
+        agent.server_time = lambda: int(time.time())  # the time exchange: tests/test_vrack_trust.py
+        agent._verify = lambda data, now: type("Verdict", (), {"ok": True, "reason": None, "ca": "lab-root-2025",
+                                                              "manifest": {"firmware_version": "1.6.0"}})()
         agent._progress = lambda *a: None
 
         def update(job_id, status, details, **kw):

@@ -30,6 +30,7 @@ import sys
 import threading
 import time
 import traceback
+from collections.abc import Callable
 from dataclasses import replace
 from typing import TYPE_CHECKING
 
@@ -37,7 +38,9 @@ from vrack.flash import (
     SLOTS,
     STATE_BOOTING,
     STATE_IDLE,
+    STATE_PAGES,
     STATE_WRITING,
+    TRUST_COPY_PAGES,
     Bcb,
     BootControl,
     FlashFault,
@@ -188,7 +191,16 @@ class Bootloader:
                              words[2], words[3])
             elif words[0] == "trust" and len(words) == 3:
                 layout = self.flash.layout
-                self.receive("trust", None, layout.trust_first_page, layout.trust_size, words[1], words[2])
+                self.receive("trust", None, layout.trust_copy_first_page(0), layout.trust_copy_size, words[1],
+                             words[2], finish=self.erase_trust_copy_1)
+            elif words == ["state", "reset"]:
+                layout = self.flash.layout
+                try:
+                    self.flash.erase_pages(layout.state_first_page, STATE_PAGES)
+                except FlashFault as exc:
+                    self.say(f"error state: {exc}")
+                else:
+                    self.say("ok state reset")
             elif words[:2] == ["bcb", "reset"] and len(words) == 3 and words[2] in SLOTS:
                 current = self.bootctl.read()
                 try:
@@ -210,9 +222,20 @@ class Bootloader:
             else:
                 self.say(f"error: unknown command '{line.strip()}'")
 
+    def erase_trust_copy_1(self) -> str | None:
+        """After `trust` wrote copy 0: erase copy 1, so the store just loaded is the one read (whatever
+        seq either copy had). The reason if the part fails, else None."""
+        layout = self.flash.layout
+        try:
+            self.flash.erase_pages(layout.trust_copy_first_page(1), TRUST_COPY_PAGES)
+        except FlashFault as exc:
+            return str(exc)
+        return None
+
     def receive(self, what: str, slot: str | None, first_page: int, capacity: int, size_text: str,
-                sha_text: str) -> None:
-        """Take base64 lines up to `.`, program them page by page, verify by reading back."""
+                sha_text: str, finish: Callable[[], str | None] | None = None) -> None:
+        """Take base64 lines up to `.`, program them page by page, verify by reading back; then
+        `finish()` (a reason if it failed, else None) before the `ok` line."""
         label = f"{what} {slot}" if slot else what
         if not size_text.isdigit() or not 0 < int(size_text) <= capacity:
             self.say(f"error {what}: bad size {size_text} (1..{capacity})")
@@ -277,6 +300,8 @@ class Bootloader:
             readback = self.flash.read(first_page * page, size)
             if hashlib.sha256(readback).hexdigest() != want:
                 error = "readback mismatch"
+        if error is None and finish is not None:
+            error = finish()
         if error:
             self.say(f"error {what}: {error}")
         else:

@@ -69,6 +69,7 @@ __all__ = [
 
 HARNESS = "harness"
 TELEMETRY_PREFIX = "cart-hil/telemetry/"  # + <thing>: what a cart publishes its metrics on
+TIME_PREFIX = "cart-hil/time/"  # + <thing>/request (the cart asks), <thing>/answer (the time service answers)
 CA_VALIDITY = dt.timedelta(days=5 * 365)
 LEAF_VALIDITY = dt.timedelta(days=365)
 BACKDATE = dt.timedelta(hours=1)
@@ -409,16 +410,21 @@ def acl_text() -> str:
     return f"""\
 # written by vrack.broker; regenerated on every start. Anything not granted here is denied.
 # Every client (%u = its certificate CN = its thing name): its own thing's topics (the AWS IoT
-# Jobs API, $aws/things/<thing>/jobs/...) and publishing its own telemetry, nothing else:
-# not another thing's topics, not another thing's telemetry, not even reading its own.
+# Jobs API, $aws/things/<thing>/jobs/...), publishing its own telemetry, asking the time service
+# for its own time and reading the answers to itself, nothing else: not another thing's topics,
+# telemetry or time answers, not even reading its own telemetry or requests.
 pattern readwrite $aws/things/%u/#
 pattern write {TELEMETRY_PREFIX}%u
+pattern write {TIME_PREFIX}%u/request
+pattern read {TIME_PREFIX}%u/answer
 
-# The harness: the jobs service of every thing (requests in, replies and notifications out)
-# and the telemetry collector of every cart.
+# The harness: the jobs service of every thing (requests in, replies and notifications out),
+# the telemetry collector of every cart and the time service (requests in, answers out).
 user {HARNESS}
 topic readwrite $aws/things/+/jobs/#
 topic read {TELEMETRY_PREFIX}#
+topic read {TIME_PREFIX}+/request
+topic write {TIME_PREFIX}+/answer
 """
 
 

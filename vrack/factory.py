@@ -1,9 +1,10 @@
 """The factory: firmware images, trust-store blobs and provisioned flash files.
 
     build_image(version, *, faults=None, size=196608) -> bytes     a reference firmware image
-    trust_blob(cas) -> bytes                                       a trust-store blob
-    settings_blob(thing, host, port, ca, cert, key, *, image_hosts) -> bytes   a fleet-settings blob
-    provision_flash(path, cart_cfg, image, trust, settings=None)   a new flash file, as shipped
+    trust_blob(cas, *, page_size=None) -> bytes                    a trust-store copy (seq 0)
+    settings_blob(thing, host, port, ca, cert, key, *, image_hosts, defer_s=None) -> bytes   a fleet-settings blob
+    provision_flash(path, cart_cfg, image, trust, settings=None)   a new flash file, as shipped (trust in
+                                                                   copy 0, copy 1 erased, device state erased)
     write_settings(path, cart_cfg, settings) -> None               rewrite only the settings region
     write_factory(out_dir, versions, carts) -> dict                fw-<version>.img, trust-<cart>.bin
 
@@ -26,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from vrack.cartconfig import CartConfig, as_cart_config
-from vrack.flash import SETTINGS_PAGES, Bcb, BootControl, Flash, encode_settings, encode_trust
+from vrack.flash import SETTINGS_PAGES, TRUST_COPY_PAGES, Bcb, BootControl, Flash, encode_settings, encode_trust
 from vrack.image import build_image as assemble_image
 from vrack.image import canonical_json, check_image
 
@@ -34,6 +35,7 @@ FIRMWARE_SOURCE = Path(__file__).with_name("firmware") / "reference.py"
 OTA_VERIFY_SOURCE = Path(__file__).with_name("ota_verify.py")
 FAMILY = "reference"
 DEFAULT_PAYLOAD_SIZE = 192 * 1024
+DEFER_MAX_S = 900  # the firmware's longest back-off of a deferred job: a settings defer_s above it is ignored
 CONSTANTS_BEGIN = "# --- build constants: replaced by vrack.factory.build_image ---\n"
 CONSTANTS_END = "# --- end build constants ---\n"
 LINKED_BEGIN = "# --- linked: replaced by vrack.factory.firmware_payload ---\n"
@@ -49,6 +51,10 @@ KNOWN_FAULTS: dict[str, type] = {  # what the reference firmware's fault builds 
     "early_success": bool,
     "bcb_single_copy": bool,              # boot control written by the firmware as one copy, in place
     "write_running_on_erase_fail": bool,  # the running slot written when the inactive one fails to erase
+    "local_clock": bool,                  # images and trust bundles verified at the RTC's time, not the server's
+    "drop_old_ca": bool,                  # a CA update replaces the trust store with the added roots only
+    "ignore_nonce": bool,                 # a time answer to another nonce is accepted
+    "ignore_security_counter": bool,      # images verified against security counter 0
 }
 
 
@@ -135,25 +141,42 @@ def build_image(version: str, *, faults: Mapping[str, Any] | None = None,
     return assemble_image(firmware_payload(version, faults=faults, size=size), version, build_info=info)
 
 
-def trust_blob(cas: Iterable[Mapping[str, str]]) -> bytes:
-    """A trust-store blob of CA entries {"name", "pem"}."""
-    return encode_trust([dict(ca) for ca in cas])
+def trust_blob(cas: Iterable[Mapping[str, Any]], *, page_size: int | None = None) -> bytes:
+    """A trust-store copy of CA entries {"name", "pem", "until"?}, seq 0, as the factory ships it.
+    `page_size`: the cart's; ValueError if the blob does not fit one copy (2 pages of it)."""
+    blob = encode_trust([dict(ca) for ca in cas])
+    if page_size is not None:
+        _check_trust_fits(blob, page_size)
+    return blob
+
+
+def _check_trust_fits(blob: bytes, page_size: int, who: str = "") -> None:
+    room = TRUST_COPY_PAGES * page_size
+    if len(blob) > room:
+        raise ValueError(f"{who}trust store of {len(blob)} bytes does not fit one trust-store copy "
+                         f"({TRUST_COPY_PAGES} pages of {page_size} bytes = {room})")
 
 
 def settings_blob(thing: str, host: str, port: int, ca: str, cert: str, key: str, *,
-                  image_hosts: Iterable[str]) -> bytes:
+                  image_hosts: Iterable[str], defer_s: float | None = None) -> bytes:
     """A fleet-settings blob: the cart's thing name, its MQTT endpoint with the broker's CA and the
     cart's client certificate and key (PEM), and the image hosts it may download from (host names or
-    IP addresses, any port; stored lower-case). SettingsError if it does not fit the region;
-    ValueError for an unusable image host."""
+    IP addresses, any port; stored lower-case). `defer_s`: the first back-off of a job deferred for
+    want of a valid time (absent: the firmware's 30 s; a lab or a test that cannot wait that long).
+    SettingsError if it does not fit the region; ValueError for an unusable image host or defer_s."""
     hosts: list[str] = []
     for h in image_hosts:
         if not isinstance(h, str) or not 0 < len(h) <= 253 or any(c.isspace() or c in "/@[]?#" for c in h):
             raise ValueError(f"image host {h!r}: a host name or IP address, without port or brackets")
         if h.lower() not in hosts:
             hosts.append(h.lower())
-    return encode_settings({"thing": thing, "mqtt": {"host": host, "port": int(port), "ca": ca, "cert": cert,
-                                                     "key": key}, "image_hosts": hosts})
+    settings: dict[str, Any] = {"thing": thing, "mqtt": {"host": host, "port": int(port), "ca": ca, "cert": cert,
+                                                         "key": key}, "image_hosts": hosts}
+    if defer_s is not None:
+        if isinstance(defer_s, bool) or not isinstance(defer_s, int | float) or not 0 < defer_s <= DEFER_MAX_S:
+            raise ValueError(f"defer_s {defer_s!r}: seconds, more than 0 and at most {DEFER_MAX_S:g}")
+        settings["defer_s"] = defer_s
+    return encode_settings(settings)
 
 
 def _write_settings_region(flash: Flash, settings: bytes) -> None:
@@ -175,8 +198,9 @@ def write_settings(path: str | Path, cart_cfg: CartConfig | Mapping[str, Any] | 
 def provision_flash(path: str | Path, cart_cfg: CartConfig | Mapping[str, Any] | str | Path, image: bytes,
                     trust: bytes, settings: bytes | None = None, *, exclusive: bool = False) -> Path:
     """Create the cart's flash file as it leaves the factory: erased, `image` in slot A, the
-    BCB saying active A confirmed, `trust` in the trust store, `settings` (if given) in the
-    settings region. No page timing. `exclusive`: FileExistsError rather than replace a file."""
+    BCB saying active A confirmed, `trust` in trust-store copy 0 (copy 1 erased), `settings` (if
+    given) in the settings region, the device state erased (counter 0, no time floor). No page
+    timing. `exclusive`: FileExistsError rather than replace a file."""
     cfg = as_cart_config(cart_cfg)
     path = Path(path)
     if len(image) > cfg.flash.slot_size:
@@ -184,14 +208,13 @@ def provision_flash(path: str | Path, cart_cfg: CartConfig | Mapping[str, Any] |
     _, reason = check_image(image)
     if reason:
         raise ValueError(f"{cfg.id}: factory image is not bootable: {reason}")
+    _check_trust_fits(trust, cfg.flash.page_size, f"{cfg.id}: ")
     path.parent.mkdir(parents=True, exist_ok=True)
     Flash.create(path, cfg.flash, exclusive=exclusive)
     with Flash(path, cfg.flash, time_scale=0) as flash:
         layout = flash.layout
-        if len(trust) > layout.trust_size:
-            raise ValueError(f"{cfg.id}: trust blob of {len(trust)} bytes exceeds the {layout.trust_size}-byte store")
         flash.write_pages(layout.slot_first_page("A"), image)
-        flash.write_pages(layout.trust_first_page, trust)
+        flash.write_pages(layout.trust_copy_first_page(0), trust)
         if settings is not None:
             _write_settings_region(flash, settings)
         BootControl(flash).write(Bcb(active="A", confirmed=True))
@@ -226,7 +249,8 @@ def write_factory(out_dir: str | Path, versions: Iterable[str],
         cfg = as_cart_config(cart)
         target = _writable(out / f"trust-{cfg.id}.bin")
         pems = ca_pems or {}
-        target.write_bytes(trust_blob({"name": name, "pem": pems.get(name, "")} for name in cfg.provisioned_cas))
+        target.write_bytes(trust_blob(({"name": name, "pem": pems.get(name, "")} for name in cfg.provisioned_cas),
+                                      page_size=cfg.flash.page_size))
         written["trust"][cfg.id] = target
     return written
 

@@ -1,5 +1,6 @@
 """The cart's NOR flash: a file written page by page, the partition layout, the boot control
-block (BCB), the trust-store blob and the fleet-settings blob. Layout and encodings: docs/flash-layout.md.
+block (BCB), the trust store (two copies), the fleet-settings blob and the device state (security
+counter and time floor, two copies). Layout and encodings: docs/flash-layout.md.
 
 Every write to flash goes through `Flash.write_page()` (erase included): the one place where
 page-program time is spent, where the open operation is recorded for the rack to tear the page at a
@@ -25,7 +26,9 @@ from vrack.cartconfig import FlashGeometry
 ERASED = 0xFF
 SLOTS = ("A", "B")
 TRUST_PAGES = 4
+TRUST_COPY_PAGES = 2  # the trust store is two copies of 2 pages each, never written in place
 SETTINGS_PAGES = 2
+STATE_PAGES = 2  # the device state: copy 0 on the first page, copy 1 on the second
 
 STATE_OFF, STATE_BOOTING, STATE_IDLE, STATE_WRITING = 0, 1, 2, 3
 
@@ -87,6 +90,17 @@ class Layout:
     def trust_size(self) -> int:
         return TRUST_PAGES * self.page_size
 
+    def trust_copy_first_page(self, copy: int) -> int:
+        return self.trust_first_page + copy * TRUST_COPY_PAGES
+
+    def trust_copy_offset(self, copy: int) -> int:
+        return self.trust_copy_first_page(copy) * self.page_size
+
+    @property
+    def trust_copy_size(self) -> int:
+        """Bytes of one trust-store copy: the most a trust-store blob may take."""
+        return TRUST_COPY_PAGES * self.page_size
+
     @property
     def settings_first_page(self) -> int:
         return self.trust_first_page + TRUST_PAGES
@@ -100,12 +114,29 @@ class Layout:
         return SETTINGS_PAGES * self.page_size
 
     @property
-    def page_count(self) -> int:
+    def state_first_page(self) -> int:
         return self.settings_first_page + SETTINGS_PAGES
 
     @property
+    def state_offset(self) -> int:
+        return self.state_first_page * self.page_size
+
+    @property
+    def state_size(self) -> int:
+        return STATE_PAGES * self.page_size
+
+    @property
+    def page_count(self) -> int:
+        return self.state_first_page + STATE_PAGES
+
+    @property
     def total_size(self) -> int:
-        return self.page_count * self.page_size  # 8P + 2S
+        return self.page_count * self.page_size  # 10P + 2S
+
+    @property
+    def old_total_size(self) -> int:
+        """The size of a flash file of the layout before the device-state region (8P + 2S)."""
+        return self.total_size - STATE_PAGES * self.page_size
 
 
 # The open-operation record, after the state byte in the state file (docs/flash-layout.md):
@@ -316,8 +347,10 @@ class Flash:
         size = os.fstat(self._fd).st_size
         if size != self.layout.total_size:
             os.close(self._fd)
+            older = (" (the layout before the device-state region: provision it again)"
+                     if size == self.layout.old_total_size else "")
             raise FlashError(f"{self.path}: {size} bytes, but page_size={self.page_size} "
-                             f"slot_size={self.slot_size} needs {self.layout.total_size}")
+                             f"slot_size={self.slot_size} needs {self.layout.total_size}{older}")
 
     @classmethod
     def create(cls, path: str | Path, geometry: FlashGeometry, *, exclusive: bool = False) -> None:
@@ -602,6 +635,9 @@ def _unframe(raw: bytes, magic: bytes, version: int, error: type[Exception]) -> 
 
 
 # --- trust store -------------------------------------------------------------------------------
+# Two copies in the trust-store region (copy 0: its pages 0-1, copy 1: pages 2-3), each a framed blob
+# with body {"cas": [{"name", "pem", "until"?}], "seq": n}. The valid copy with the highest seq is the
+# store (a tie: copy 0); a new store is written into the other copy, so a torn write leaves the old one.
 
 TRUST_MAGIC = b"TRST"
 TRUST_VERSION = 1
@@ -611,19 +647,70 @@ class TrustError(ValueError):
     pass
 
 
-def encode_trust(cas: list[dict]) -> bytes:
-    entries = [{"name": str(ca["name"]), "pem": str(ca.get("pem", ""))} for ca in cas]
-    return _frame(TRUST_MAGIC, TRUST_VERSION, len(entries), {"cas": entries})
+@dataclass(frozen=True)
+class TrustStore:
+    """The trust store as read from flash: CA entries {"name", "pem", "until"?}, the copy's seq, and
+    which copy it came from."""
+
+    cas: list[dict]
+    seq: int = 0
+    copy: int = 0
+
+
+def _is_uint(v: object) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+
+def encode_trust(cas: list[dict], seq: int = 0) -> bytes:
+    """One trust-store copy: entries {"name", "pem", "until"?} (until: epoch second from which the
+    root is retired; absent = never) and the copy's sequence number."""
+    entries = []
+    for ca in cas:
+        entry = {"name": str(ca["name"]), "pem": str(ca.get("pem", ""))}
+        if ca.get("until") is not None:
+            if not _is_uint(ca["until"]):
+                raise TrustError(f"until of {entry['name']!r}: an epoch second, not {ca['until']!r}")
+            entry["until"] = ca["until"]
+        entries.append(entry)
+    if not _is_uint(seq) or seq >= 2**32:
+        raise TrustError(f"seq {seq!r}: 0..2**32-1")
+    return _frame(TRUST_MAGIC, TRUST_VERSION, len(entries), {"cas": entries, "seq": seq})
+
+
+def decode_trust_copy(raw: bytes) -> tuple[list[dict], int]:
+    """(CA entries, seq) of one trust-store copy (bounds-checked; TrustError on anything wrong).
+    A body without `seq` is seq 0 (a store written before the copies had one)."""
+    count, body = _unframe(raw, TRUST_MAGIC, TRUST_VERSION, TrustError)
+    cas = body.get("cas") if isinstance(body, dict) else None
+    seq = body.get("seq", 0) if isinstance(body, dict) else None
+    if not isinstance(cas, list) or len(cas) != count or not _is_uint(seq) or not all(
+            isinstance(c, dict) and isinstance(c.get("name"), str) and isinstance(c.get("pem"), str)
+            and ("until" not in c or _is_uint(c["until"])) for c in cas):
+        raise TrustError("bad body")
+    return cas, seq
 
 
 def decode_trust(raw: bytes) -> list[dict]:
-    """The CA entries of a trust-store blob (bounds-checked; TrustError on anything wrong)."""
-    count, body = _unframe(raw, TRUST_MAGIC, TRUST_VERSION, TrustError)
-    cas = body.get("cas") if isinstance(body, dict) else None
-    if not isinstance(cas, list) or len(cas) != count or not all(
-            isinstance(c, dict) and isinstance(c.get("name"), str) and isinstance(c.get("pem"), str) for c in cas):
-        raise TrustError("bad body")
-    return cas
+    """The CA entries of one trust-store copy (bounds-checked; TrustError on anything wrong)."""
+    return decode_trust_copy(raw)[0]
+
+
+def read_trust(region: bytes, page_size: int) -> TrustStore:
+    """The trust store in the bytes of the whole trust-store region: the valid copy with the highest
+    seq (a tie: copy 0). Neither valid: TrustError with copy 0's reason."""
+    size = TRUST_COPY_PAGES * page_size
+    found: list[TrustStore] = []
+    first_error = None
+    for copy in (0, 1):
+        try:
+            cas, seq = decode_trust_copy(region[copy * size:(copy + 1) * size])
+        except TrustError as exc:
+            first_error = first_error or exc
+            continue
+        found.append(TrustStore(cas, seq, copy))
+    if not found:
+        raise first_error or TrustError("erased")
+    return max(found, key=lambda store: (store.seq, -store.copy))
 
 
 # --- fleet settings ----------------------------------------------------------------------------
@@ -653,3 +740,54 @@ def decode_settings(raw: bytes) -> dict:
     if not isinstance(settings, dict):
         raise SettingsError("bad body")
     return settings
+
+
+# --- device state --------------------------------------------------------------------------------
+# Two 32-byte records, one per page of the device-state region (copy 0, copy 1), the rest of the page
+# 0xFF: the security counter (anti-rollback) and the time floor (the latest server time accepted).
+# Written by the firmware only (the other copy, seq + 1); the bootloader's recovery erases both.
+
+STATE_MAGIC = b"CDST"
+STATE_VERSION = 1
+_STATE_BODY = struct.Struct("<4sHHIIQI")  # magic, version, size, seq, security counter, time floor, reserved
+STATE_SIZE = _STATE_BODY.size + 4  # then the CRC-32 of the 28 bytes before it
+
+
+@dataclass(frozen=True)
+class DeviceState:
+    """Security counter and time floor (epoch s); `seq` 0 and `copy` None when neither copy is valid."""
+
+    counter: int = 0
+    floor: int = 0
+    seq: int = 0
+    copy: int | None = None
+
+
+def encode_state(seq: int, counter: int, floor: int) -> bytes:
+    body = _STATE_BODY.pack(STATE_MAGIC, STATE_VERSION, STATE_SIZE, seq, counter, floor, 0)
+    return body + struct.pack("<I", zlib.crc32(body))
+
+
+def decode_state(raw: bytes) -> DeviceState | None:
+    """The record at the start of one device-state page, or None (erased, torn, another version)."""
+    if len(raw) < STATE_SIZE:
+        return None
+    body = bytes(raw[:_STATE_BODY.size])
+    (crc,) = struct.unpack_from("<I", raw, _STATE_BODY.size)
+    if zlib.crc32(body) != crc:
+        return None
+    magic, version, size, seq, counter, floor, _ = _STATE_BODY.unpack(body)
+    if magic != STATE_MAGIC or version != STATE_VERSION or size != STATE_SIZE:
+        return None
+    return DeviceState(counter, floor, seq)
+
+
+def read_state(region: bytes, page_size: int) -> DeviceState:
+    """The device state in the bytes of the whole region: the valid copy with the highest seq (a tie:
+    copy 0); neither valid: counter 0, floor 0, seq 0."""
+    best = DeviceState()
+    for copy in (0, 1):
+        found = decode_state(region[copy * page_size:(copy + 1) * page_size])
+        if found is not None and (best.copy is None or found.seq > best.seq):
+            best = replace(found, copy=copy)
+    return best

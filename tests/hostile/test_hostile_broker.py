@@ -32,6 +32,10 @@ def telemetry(thing: str) -> str:
     return f"cart-hil/telemetry/{thing}"
 
 
+def time_topic(thing: str, kind: str) -> str:
+    return f"cart-hil/time/{thing}/{kind}"  # kind: request (the cart asks) or answer (the time service)
+
+
 class Conn:
     """A paho-mqtt 2.x client on the broker with one issued identity; received messages in order."""
 
@@ -138,6 +142,8 @@ def test_the_broker_runs_with_the_acl(broker):
     assert f"acl_file {broker.acl_file.resolve()}" in conf.splitlines()
     acl = broker.acl_file.read_text().splitlines()
     assert "pattern readwrite $aws/things/%u/#" in acl and "pattern write cart-hil/telemetry/%u" in acl
+    assert "pattern write cart-hil/time/%u/request" in acl and "pattern read cart-hil/time/%u/answer" in acl
+    assert "topic read cart-hil/time/+/request" in acl and "topic write cart-hil/time/+/answer" in acl
     assert "topic readwrite #" not in acl and "topic read #" not in acl  # nothing grants everything
 
 
@@ -235,3 +241,52 @@ def test_the_harness_speaks_on_every_carts_jobs_topics(connect):
             harness.publish(*msg)
     for conn in (spy, victim):
         assert conn.wait_for(*sent[conn.identity][-1]) == sent[conn.identity]
+
+
+# --- the time service: a cart asks for its own time and reads only the answers to itself -----------
+
+
+def test_a_cart_reads_neither_another_carts_time_answers_nor_any_request(connect):
+    spy, victim, harness = connect(SPY), connect(VICTIM), connect("harness")
+    victim.subscribe(time_topic(VICTIM, "answer"))
+    harness.subscribe(time_topic("+", "request"))
+    spy.subscribe("cart-hil/time/#", time_topic(VICTIM, "answer"), time_topic("+", "answer"),
+                  time_topic(VICTIM, "request"), time_topic(SPY, "request"), "#")
+    # cart-05's exchange, each message delivered to its rightful reader
+    request = (time_topic(VICTIM, "request"), b'{"nonce":"' + b"a" * 32 + b'"}')
+    answer = (time_topic(VICTIM, "answer"), b'{"format":1,"for":"cart-05"}')
+    victim.publish(*request)
+    harness.publish(*answer)
+    assert harness.wait_for(*request) == [request]
+    assert victim.wait_for(*answer) == [answer]
+    own = (time_topic(SPY, "request"), b'{"nonce":"' + b"b" * 32 + b'"}')
+    spy.publish(*own)  # a cart does not read its own requests either
+    assert harness.wait_for(*own) == [request, own]
+    # the barrier: the answer to cart-03 itself (positive control), after everything above
+    barrier = (time_topic(SPY, "answer"), b'{"format":1,"for":"cart-03"}')
+    harness.publish(*barrier)
+    spy.wait_for(*barrier)
+    assert spy.received() == [barrier], spy.received()
+
+
+def test_a_cart_cannot_ask_or_answer_in_another_things_name(connect):
+    spy, victim, harness = connect(SPY), connect(VICTIM), connect("harness")
+    victim.subscribe(time_topic(VICTIM, "answer"))
+    spy.subscribe(time_topic(SPY, "answer"))
+    harness.subscribe(time_topic("+", "request"), time_topic("+", "answer"))  # it may write answers, not read them
+    forged = [  # asking in cart-05's name, answering cart-05 or itself as if it were the time service
+        (time_topic(VICTIM, "request"), b'{"nonce":"' + b"c" * 32 + b'"}'),
+        (time_topic(VICTIM, "answer"), b'{"format":1,"forged":true}'),
+        (time_topic(SPY, "answer"), b'{"format":1,"forged":true}'),
+        ("cart-hil/time/harness/request", b'{"nonce":"' + b"d" * 32 + b'"}'),
+    ]
+    for msg in forged:
+        spy.publish(*msg)
+    own = (time_topic(SPY, "request"), b'{"nonce":"' + b"e" * 32 + b'"}')
+    spy.publish(*own)  # positive control and barrier: its own request, on the same connection
+    assert harness.wait_for(*own) == [own]
+    barrier = (time_topic(VICTIM, "answer"), b'{"format":1,"barrier":true}')
+    harness.publish(*barrier)
+    assert victim.wait_for(*barrier) == [barrier]
+    assert harness.received() == [own]
+    assert spy.received() == [], "cart-03 answered itself"

@@ -10,10 +10,16 @@ library and installed third-party libraries (paho-mqtt, cryptography), never the
 
 The OTA agent (class Agent) is the contract of docs/interfaces.md, "OTA agent of the reference
 firmware": fleet settings from the settings region, MQTT over TLS to the broker, the AWS IoT
-Jobs MQTT API, download over HTTP with Range resume (only from the image hosts the fleet settings
-list), verification, the inactive slot erased and written page by page and read back, the trial
-boot reported before it is marked good, rollbacks reported. Before each step a power cut can be aimed
-at it prints an event line `EV: <name>[ <key>=<value> ...] t=<time.monotonic_ns()>`.
+Jobs MQTT API, the signed time exchange before every decision that depends on the date (a job is
+deferred, with back-off, while no valid time answer comes), download over HTTP with Range resume
+(only from the image hosts the fleet settings list), verification at the server's time, the inactive
+slot erased and written page by page and read back, the trial boot reported before it is marked good,
+rollbacks reported, CA updates written into the trust store's other copy. Before each step a power cut
+can be aimed at it prints an event line `EV: <name>[ <key>=<value> ...] t=<time.monotonic_ns()>`.
+
+Device state (docs/flash-layout.md): the security counter (raised when an image is confirmed, never
+lowered) and the time floor (the latest server time accepted) live in two copies of their own region;
+the firmware is their only writer, always into the other copy.
 
 Fault builds (FAULTS) reproduce field defects on purpose:
   crash_at_boot: true            raise during start-up, before sensors
@@ -32,6 +38,12 @@ Fault builds (FAULTS) reproduce field defects on purpose:
   write_running_on_erase_fail: true   when a page of the inactive slot fails to erase, the agent
                                  writes the image over the running slot instead (and reports the
                                  erase failure as the reference does)
+  local_clock: true              images and trust bundles are verified at the RTC's time, not the
+                                 server's (the time exchange still runs)
+  drop_old_ca: true              a CA update replaces the trust store with the added roots only (no
+                                 overlap for the roots it had)
+  ignore_nonce: true             a time answer to another nonce (a replay) is accepted
+  ignore_security_counter: true  images are verified against security counter 0 (anti-rollback off)
 """
 
 import hashlib
@@ -94,6 +106,15 @@ EV_GROUP_PAGES = 8               # an erase/write event line before each group o
 EV_VALUE_RE = re.compile(r"[^\x21-\x7e]")  # an event line's values are single printable words
 BCB_PAGES = (0, 1)               # boot control: copy 0 at page 0, copy 1 at page 1 (docs/flash-layout.md)
 ENDED_CODES = ("InvalidStateTransition", "TerminalStateReached", "ResourceNotFound")
+
+# time and trust (docs/interfaces.md, "Time exchange" and "CA updates")
+TIME_TRIES = 3                   # time requests per exchange, each with a fresh nonce
+TIME_TIMEOUT_S = 2.0             # ... each waiting this long for a valid answer
+TIME_MAX_AHEAD_S = 10 * 365 * 86400  # an answer further ahead of the floor is "from the future"
+DEFER_S = 30.0                   # a job without a valid time is retried after this, doubling ...
+DEFER_MAX_S = 900.0              # ... up to this (the fleet settings' "defer_s" replaces DEFER_S)
+TRUST_MAX_CAS = 4                # roots a trust store holds at most
+TRUST_COPY_PAGES = 2             # the trust store: two copies of 2 pages in its 4-page region
 
 
 def main(hal):
@@ -158,6 +179,10 @@ class Firmware:
                     confirm_trial(hal, self.say, self.ev)  # nothing to phone home to
                 else:
                     self.trial_step(self_test=True, from_main=True)
+        if hal.mode == "normal":
+            bcb = hal.bcb.read()
+            if bcb.confirmed and bcb.active == hal.booted_slot:  # repair: a cut after mark-good, before the counter
+                raise_security_counter(hal, self.say, self.ev)
         if self.settings is None:
             self.say(f"OTA: no fleet settings ({self.settings_reason})")
         else:
@@ -250,6 +275,11 @@ class Firmware:
             self.hal.reset()
         elif words == ["trust", "list"]:
             self.trust_list()
+        elif words[:2] == ["time", "sync"] and len(words) <= 3:
+            self.time_sync(words[2] if len(words) == 3 else str(TIME_TRIES))
+        elif words == ["state"]:
+            state = read_device_state(self.hal)
+            self.say(f"state counter={state['counter']} floor={state['floor']} seq={state['seq']}")
         elif len(words) == 3 and words[:2] == ["bench", "lines"]:
             self.bench_lines(words[2])
         elif len(words) == 3 and words[:2] == ["bench", "mqtt"]:
@@ -277,15 +307,35 @@ class Firmware:
         self.say(f"ota state={agent.state} broker={broker} thing={agent.thing}")
 
     def trust_list(self):
-        """The CAs in the trust store, each with the SHA-256 of its certificate (DER), or '-' if empty."""
-        layout = self.hal.flash.layout
-        cas, reason = parse_trust(self.hal.flash.read(layout.trust_offset, layout.trust_size))
-        if cas is None:
+        """The CAs in the trust store, each with the SHA-256 of its certificate (DER), or '-' if empty,
+        and the epoch second it is retired from, if it is."""
+        store, reason = read_trust_store(self.hal)
+        if store is None:
             self.say(f"error: trust store {reason}")
             return
-        self.say(f"trust count={len(cas)}")
-        for ca in cas:
-            self.say(f"trust {ca['name']} fp={pem_fingerprint(ca['pem'])}")
+        self.say(f"trust count={len(store['cas'])}")
+        for ca in store["cas"]:
+            until = f" until={ca['until']}" if "until" in ca else ""
+            self.say(f"trust {ca['name']} fp={pem_fingerprint(ca['pem'])}{until}")
+
+    def time_sync(self, tries):
+        """One time exchange, as an update runs it (`time sync N`: N requests, 1..TIME_TRIES, default
+        all): the time accepted (and stored as the floor), the last answer's reason if every answer
+        was rejected, or no answer at all."""
+        if not tries.isdigit() or not 1 <= int(tries) <= TIME_TRIES:
+            self.say(f"error: bad count '{tries}' (want 1..{TIME_TRIES})")
+            return
+        if self.agent is None:
+            self.say(f"error: no fleet settings ({self.settings_reason})")
+            return
+        try:
+            t = self.agent.server_time(int(tries))
+        except TimeFailure as failure:
+            self.say(f"time rejected: {failure.rejected}" if failure.rejected else "time unreachable")
+        except StateWriteFailed as exc:
+            self.say(f"error: state write failed: {exc}")
+        else:
+            self.say(f"time ok t={t}")
 
     def rtc_set(self, text):
         try:
@@ -345,6 +395,7 @@ def confirm_trial(hal, say, ev):
         hal.bcb.mark_good()  # finds nothing left to change (no write): only stops the trial watchdog
     else:
         hal.bcb.mark_good()
+    raise_security_counter(hal, say, ev)
     say(f"FW: slot {hal.booted_slot} confirmed")
 
 
@@ -487,6 +538,26 @@ def image_hosts_of(settings):
     return frozenset(h.lower() for h in hosts)
 
 
+def defer_s_of(settings):
+    """The first back-off of a deferred job: the fleet settings' "defer_s" (a number of seconds,
+    0 < defer_s <= DEFER_MAX_S: a lab or a test that cannot wait 30 s), else DEFER_S."""
+    value = settings.get("defer_s")
+    if type(value) in (int, float) and 0 < value <= DEFER_MAX_S:
+        return float(value)
+    return DEFER_S
+
+
+def answer_nonce(payload):
+    """The nonce a time answer's signed body carries, or None (the ignore_nonce fault build only)."""
+    import base64
+
+    try:
+        body = json.loads(base64.b64decode(json.loads(bytes(payload))["signed"], validate=True))
+        return body["nonce"] if isinstance(body["nonce"], str) else None
+    except Exception:
+        return None
+
+
 def image_host_refusal(url, allowed):
     """None if `url` (already checked by check_job_document) is on an allowed image host, else the
     reason to reject the job: defense in depth, a job document never makes the cart fetch from
@@ -510,16 +581,21 @@ def image_host_refusal(url, allowed):
 
 
 def check_job_document(doc):
-    """(the document's fields, None) or (None, the first malformed field)."""
+    """(the document's fields, None) or (None, the first malformed field). `operation` "ota" (a
+    firmware update: target_version, url, sha256, size) or "trust" (a CA update: url, sha256, size)."""
     from urllib.parse import urlsplit
 
     if not isinstance(doc, dict):
         return None, "operation"
-    if not isinstance(doc.get("operation"), str) or doc["operation"] != "ota":
+    operation = doc.get("operation")
+    if not isinstance(operation, str) or operation not in ("ota", "trust"):
         return None, "operation"
-    version = doc.get("target_version")
-    if not isinstance(version, str) or len(version) > 32 or not IMG_VERSION_RE.fullmatch(version):
-        return None, "target_version"
+    checked = {"operation": operation}
+    if operation == "ota":
+        version = doc.get("target_version")
+        if not isinstance(version, str) or len(version) > 32 or not IMG_VERSION_RE.fullmatch(version):
+            return None, "target_version"
+        checked["target_version"] = version
     url = doc.get("url")
     if not isinstance(url, str) or not 0 < len(url) <= URL_MAX or not url.isascii() or any(
             c <= " " or c == "\x7f" for c in url):
@@ -537,7 +613,7 @@ def check_job_document(doc):
     size = doc.get("size")
     if type(size) is not int or not 0 < size < 2**32:
         return None, "size"
-    return {"target_version": version, "url": url, "sha256": sha.lower(), "size": size}, None
+    return {**checked, "url": url, "sha256": sha.lower(), "size": size}, None
 
 
 def job_id_of(execution):
@@ -609,6 +685,19 @@ class JobEnd(Exception):
         self.reason = reason
 
 
+class JobDeferred(Exception):
+    """No valid server time for the job now: it stays IN_PROGRESS and is taken up again later."""
+
+
+class TimeFailure(Exception):
+    """The time exchange gave no valid answer: str() is why ("time service unreachable" or "time answer
+    rejected: <reason>"), `rejected` the last rejected answer's reason (None: no answer came)."""
+
+    def __init__(self, rejected):
+        super().__init__(f"time answer rejected: {rejected}" if rejected else "time service unreachable")
+        self.rejected = rejected
+
+
 class UrlExpired(Exception):
     pass
 
@@ -632,6 +721,9 @@ class Agent:
         self.image_hosts = image_hosts_of(settings)
         self.base = f"$aws/things/{self.thing}/jobs/"
         self.telemetry_topic = f"cart-hil/telemetry/{self.thing}"
+        self.time_request_topic = f"cart-hil/time/{self.thing}/request"
+        self.time_answer_topic = f"cart-hil/time/{self.thing}/answer"
+        self.defer_s = defer_s_of(settings)
         self.boot_id = f"{self.thing}-{self.hal.bcb.read().boot_count}"
         self.state = "idle"
         self.client = None
@@ -651,6 +743,10 @@ class Agent:
         self.rollback_info = None
         self.trial_done = self.hal.mode != "trial"
         self.trial_reported = threading.Event()
+        self._time_lock = threading.Lock()  # one time exchange at a time (the shell's, the agent's)
+        self._time_inbox = None             # the running exchange's queue of answers (under _cond)
+        self._deferred = None               # {"job", "delay", "due"}: the job waiting for a valid time
+        self._defer_timer = None
 
     # --- lifecycle -------------------------------------------------------------------------------
 
@@ -682,6 +778,8 @@ class Agent:
                         self._take_jobs()
                 elif kind == "kick" and self._may_take_jobs():
                     self._take_jobs()
+                elif kind == "retry":
+                    self._retry_deferred(data)
             except Exception:  # the agent must outlive its own bugs: the shell keeps working
                 traceback.print_exc(file=sys.stderr)
                 self.state = "idle"
@@ -735,7 +833,7 @@ class Agent:
         self.say(f"OTA: connected broker={self.endpoint['host']}:{self.endpoint['port']} thing={self.thing}")
         b = self.base
         topics = [b + "notify-next", b + "start-next/accepted", b + "start-next/rejected", b + "+/get/accepted",
-                  b + "+/get/rejected", b + "+/update/accepted", b + "+/update/rejected"]
+                  b + "+/get/rejected", b + "+/update/accepted", b + "+/update/rejected", self.time_answer_topic]
         _, mid = client.subscribe([(t, 1) for t in topics])
         self.connected.set()
         self.events.put(("connected", mid))
@@ -766,6 +864,11 @@ class Agent:
             self._cond.notify_all()
 
     def _on_message(self, client, userdata, msg):
+        if msg.topic == self.time_answer_topic:
+            with self._cond:  # to the exchange that is waiting, if one is (else dropped)
+                if self._time_inbox is not None:
+                    self._time_inbox.put(bytes(msg.payload))
+            return
         if not msg.topic.startswith(self.base):
             return
         try:
@@ -858,6 +961,120 @@ class Agent:
             return info.is_published()
         except (RuntimeError, ValueError):
             return False
+
+    # --- the time exchange (docs/interfaces.md, "Time exchange") ---------------------------------
+
+    def server_time(self, tries=TIME_TRIES):
+        """The server's time, from a signed answer to a fresh nonce: up to `tries` requests, each
+        waiting TIME_TIMEOUT_S. A rejected answer is said and the wait goes on (an attacker's answer
+        must not stop the real one). An accepted time above the floor is stored as the new floor
+        before it is returned. TimeFailure when no valid answer came; StateWriteFailed when the
+        floor could not be stored."""
+        with self._time_lock:
+            inbox = queue.Queue()
+            with self._cond:
+                self._time_inbox = inbox
+            try:
+                return self._exchange(inbox, tries)
+            finally:
+                with self._cond:
+                    self._time_inbox = None
+
+    def _exchange(self, inbox, tries):
+        rejected = None
+        for k in range(1, tries + 1):
+            deadline = time.monotonic() + TIME_TIMEOUT_S
+            if not self.connected.wait(TIME_TIMEOUT_S):
+                continue  # no broker this try: nothing sent, nothing to wait for
+            nonce = os.urandom(16).hex()
+            self.ev("time-request", **{"try": k})
+            self.client.publish(self.time_request_topic, json.dumps({"nonce": nonce}, separators=(",", ":")), qos=1)
+            while True:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                try:
+                    payload = inbox.get(timeout=left)
+                except queue.Empty:
+                    break
+                verdict = self._check_time(payload, nonce)
+                if verdict.ok:
+                    raise_time_floor(self.hal, self.ev, verdict.time)
+                    self.say(f"OTA: time ok t={verdict.time}")
+                    return verdict.time
+                rejected = clean_text(verdict.reason, 200)
+                self.say(f"OTA: time rejected: {rejected}")
+        raise TimeFailure(rejected)
+
+    def _check_time(self, payload, nonce):
+        """The verifier's verdict on one answer: the trust store in flash (with its retirements), the
+        stored floor, at most TIME_MAX_AHEAD_S ahead of it."""
+        pems, until = trust_maps(read_trust_store(self.hal)[0])
+        if FAULTS.get("ignore_nonce"):
+            nonce = answer_nonce(payload) or nonce  # the defect: whatever nonce the answer carries
+        return load_verifier().verify_time_answer(
+            payload, nonce=nonce, thing=self.thing, trust_store_pems=pems, ca_until=until,
+            floor=read_device_state(self.hal)["floor"], max_ahead_s=TIME_MAX_AHEAD_S)
+
+    def _job_time(self):
+        """The server time a job decides on; JobDeferred without one (JobEnd FAILED if it could not be
+        stored). The local_clock fault build then decides on its RTC all the same."""
+        try:
+            now = self.server_time()
+        except TimeFailure as failure:
+            raise JobDeferred(str(failure)) from None
+        except StateWriteFailed as exc:
+            raise JobEnd("FAILED", f"state write failed: {exc}") from None
+        if FAULTS.get("local_clock"):
+            return int(self.hal.clock.now().timestamp())
+        return now
+
+    # --- deferred jobs -----------------------------------------------------------------------------
+
+    def _defer(self, job_id, why):
+        """Report the job IN_PROGRESS {"step": "deferred", "reason": why} and take it up again after
+        the back-off: DEFER_S (or the settings' defer_s) for a new job, doubling for the same job, at
+        most DEFER_MAX_S."""
+        outcome, reply = self.update(job_id, "IN_PROGRESS", {"step": "deferred", "reason": why})
+        if outcome == "rejected" and reply.get("code") in ENDED_CODES:
+            self._cancel_deferral()
+            self.say(f"OTA: job {job_id} ended by the service: {clean_text(reply.get('code'), 64)}")
+            return
+        last = self._deferred
+        delay = min(last["delay"] * 2, DEFER_MAX_S) if last and last["job"] == job_id else self.defer_s
+        self._schedule_retry(job_id, delay)
+        self.say(f"OTA: deferred job={job_id}: {why}")
+
+    def _schedule_retry(self, job_id, delay):
+        if self._defer_timer is not None:
+            self._defer_timer.cancel()
+        self._deferred = {"job": job_id, "delay": delay, "due": time.monotonic() + delay}
+        self._defer_timer = threading.Timer(delay, self.events.put, args=(("retry", job_id),))
+        self._defer_timer.daemon = True
+        self._defer_timer.start()
+
+    def _cancel_deferral(self):
+        if self._defer_timer is not None:
+            self._defer_timer.cancel()
+        self._deferred = self._defer_timer = None
+
+    def _retry_deferred(self, job_id):
+        """The back-off is over: if the execution is still IN_PROGRESS ({id}/get), run it again."""
+        if self._deferred is None or self._deferred["job"] != job_id or not self._may_take_jobs():
+            return  # another job ended it, or the next connection's start-next takes it up
+        outcome, reply = self.request_retry(f"{job_id}/get", {"includeJobDocument": True}, tries=2)
+        if outcome is None:
+            self._schedule_retry(job_id, self._deferred["delay"])  # no answer: the same wait again
+            return
+        ex = reply.get("execution") if outcome == "accepted" else None
+        status = ex.get("status") if isinstance(ex, dict) else reply.get("code")
+        if status != "IN_PROGRESS":
+            self._cancel_deferral()
+            self.say(f"OTA: job {job_id} ended by the service: {clean_text(status, 64)}")
+        else:
+            self.run_job(job_id, ex.get("jobDocument"))
+            self._drain_notifications()
+        self._take_jobs()
 
     # --- after each connection -------------------------------------------------------------------
 
@@ -982,6 +1199,9 @@ class Agent:
             job_id = job_id_of(ex)
             if job_id is None or job_id == last:
                 return
+            deferred = self._deferred
+            if deferred is not None and job_id == deferred["job"] and time.monotonic() < deferred["due"]:
+                return  # its back-off runs: the timer takes it up
             last = job_id
             self.run_job(job_id, ex.get("jobDocument"))
             self._drain_notifications()
@@ -1001,9 +1221,13 @@ class Agent:
     # --- one job ---------------------------------------------------------------------------------
 
     def run_job(self, job_id, document):
-        """Handle one execution to its end: REJECTED/FAILED reported, or a reset into the trial."""
+        """Handle one execution to its end (REJECTED/FAILED reported, a CA update SUCCEEDED, or a reset
+        into the trial), or defer it while there is no valid server time."""
+        deferred = None
         try:
             self._job(job_id, document)
+        except JobDeferred as exc:
+            deferred = str(exc)
         except JobEnd as end:
             self._finish(job_id, end.status, end.reason)
         except Exception as exc:
@@ -1011,6 +1235,10 @@ class Agent:
             self._finish(job_id, "FAILED", f"internal error: {describe(exc)}")
         finally:
             self.state = "idle"
+        if deferred is None:
+            self._cancel_deferral()  # this job ended, or the service moved on from the deferred one
+        else:
+            self._defer(job_id, deferred)
 
     def _finish(self, job_id, status, reason):
         reason = clean_text(reason, 1024) or "unknown"
@@ -1041,17 +1269,21 @@ class Agent:
         refusal = image_host_refusal(doc["url"], self.image_hosts)
         if refusal:
             raise JobEnd("REJECTED", refusal)
+        if doc["operation"] == "trust":
+            self._trust_job(job_id, doc)
+            return
         size, version = doc["size"], doc["target_version"]
         if size > hal.flash.slot_size:
             raise JobEnd("REJECTED", f"image too large: {size} > slot {hal.flash.slot_size}")
         self.say(f"OTA: job {job_id} started target={version}")
+        now = self._job_time()  # before anything is fetched: no valid time, no download
         self.state = "downloading"
         self._progress(job_id, "download", "0%")
         image = self._download(job_id, doc)
         self.state = "verifying"
         self._progress(job_id, "verify", "0%")
         self.ev("verify")
-        verdict = self._verify(image)
+        verdict = self._verify(image, now)
         if not verdict.ok:
             raise JobEnd("REJECTED", verdict.reason)
         if verdict.manifest["firmware_version"] != version:
@@ -1075,14 +1307,48 @@ class Agent:
         self.ev("reset-for-trial", reprompt=False)
         hal.reset()
 
-    def _verify(self, image):
+    def _verify(self, image, now):
+        """The verifier's verdict at `now` (the server's time), against the trust store in flash with its
+        retirements and the stored security counter."""
         hal = self.hal
-        layout = hal.flash.layout
-        cas, _ = parse_trust(hal.flash.read(layout.trust_offset, layout.trust_size))
-        pems = {ca["name"]: ca["pem"] for ca in cas or []}
+        pems, until = trust_maps(read_trust_store(hal)[0])
+        counter = 0 if FAULTS.get("ignore_security_counter") else read_device_state(hal)["counter"]
         return load_verifier().verify_update(
             bytes(image), trust_store_pems=pems, hardware_revision=str(hal.config.get("hardware_revision", "")),
-            running_version=FW_VERSION, now=int(hal.clock.now().timestamp()), security_counter=0)
+            running_version=FW_VERSION, now=now, security_counter=counter, ca_until=until)
+
+    def _trust_job(self, job_id, doc):
+        """A CA update: download the bundle, get the server time, verify the bundle at it, write the new
+        trust store into the other copy, report SUCCEEDED. No reset."""
+        if doc["size"] > load_verifier().BUNDLE_MAX:  # not fetched at all: no bundle is that large
+            raise JobEnd("REJECTED", "malformed: bundle too large")
+        self.say(f"OTA: job {job_id} started trust")
+        self.state = "downloading"
+        self._progress(job_id, "download", "0%")
+        bundle = self._download(job_id, doc)
+        now = self._job_time()
+        self.state = "verifying"
+        self._progress(job_id, "verify", "0%")
+        store, _ = read_trust_store(self.hal)
+        pems, until = trust_maps(store)
+        self.ev("verify")
+        verdict = load_verifier().verify_trust_bundle(bundle, trust_store_pems=pems, ca_until=until, now=now)
+        if not verdict.ok:
+            raise JobEnd("REJECTED", verdict.reason)
+        cas = updated_trust(store["cas"], verdict.body, now)
+        room = TRUST_COPY_PAGES * self.hal.flash.page_size
+        if len(cas) > TRUST_MAX_CAS or len(encode_trust_copy(cas, 0xFFFFFFFF)) > room:
+            raise JobEnd("REJECTED", "trust store full")
+        self.state = "writing"
+        self._progress(job_id, "write", "0%")
+        try:
+            write_trust_store(self.hal, self.ev, cas, store)
+        except TrustWriteFailed as exc:
+            raise JobEnd("FAILED", f"trust write failed: {exc}") from None
+        names = ",".join(ca["name"] for ca in cas)
+        self.say(f"OTA: trust updated cas={names}")
+        self.ev("job-report", status="SUCCEEDED")
+        self.update(job_id, "SUCCEEDED", {"step": "done", "cas": names})
 
     def _write(self, image):
         """The image into the inactive slot: its pages erased, programmed, read back; returns the slot.
@@ -1268,6 +1534,7 @@ class Agent:
 IMG_MAGIC = b"CIMG"
 IMG_HEADER = struct.Struct("<4sHHII16s")
 IMG_TLV = struct.Struct("<HHI")
+IMG_TLV_MANIFEST = 0x0010
 IMG_VERSION_RE = re.compile(r"[0-9]{1,5}\.[0-9]{1,5}\.[0-9]{1,5}(-[0-9A-Za-z.-]{1,12})?")
 
 
@@ -1336,19 +1603,249 @@ def parse_image(data):
             "build_info": build_info, "tlvs": tlvs, "size": end}
 
 
+# --- the trust store: two copies, never written in place (docs/flash-layout.md) -----------------
+
 TRUST_MAGIC = b"TRST"
 
 
+def is_uint(value):
+    return type(value) is int and value >= 0
+
+
 def parse_trust(raw):
-    """(list of {"name", "pem"}, None) or (None, reason)."""
+    """One trust-store copy: ({"cas": [{"name", "pem", "until"?}], "seq": n}, None) or (None, reason)."""
     count, body, reason = unframe(raw, TRUST_MAGIC)
     if reason:
         return None, reason
     cas = body.get("cas") if isinstance(body, dict) else None
-    if not isinstance(cas, list) or len(cas) != count or not all(
-            isinstance(c, dict) and isinstance(c.get("name"), str) and isinstance(c.get("pem"), str) for c in cas):
+    seq = body.get("seq", 0) if isinstance(body, dict) else None
+    if not isinstance(cas, list) or len(cas) != count or not is_uint(seq) or not all(
+            isinstance(c, dict) and isinstance(c.get("name"), str) and isinstance(c.get("pem"), str)
+            and ("until" not in c or is_uint(c["until"])) for c in cas):
         return None, "bad body"
-    return cas, None
+    return {"cas": cas, "seq": seq}, None
+
+
+def read_trust_store(hal):
+    """({"cas", "seq", "copy"}, None): the valid copy with the highest seq (a tie: copy 0); or
+    (None, copy 0's reason) when neither is valid."""
+    flash = hal.flash
+    size = TRUST_COPY_PAGES * flash.page_size
+    best, first_reason = None, None
+    for copy in (0, 1):
+        try:
+            raw = flash.read(flash.layout.trust_offset + copy * size, size)
+        except Exception as exc:
+            store, reason = None, f"unreadable: {type(exc).__name__}"
+        else:
+            store, reason = parse_trust(raw)
+        if store is None:
+            first_reason = first_reason or reason
+        elif best is None or store["seq"] > best["seq"]:
+            best = {**store, "copy": copy}
+    return (best, None) if best is not None else (None, first_reason)
+
+
+def trust_maps(store):
+    """({name: pem}, {name: until}) of a trust store (empty for none): what the verifier takes."""
+    cas = store["cas"] if store else []
+    return {ca["name"]: ca["pem"] for ca in cas}, {ca["name"]: ca["until"] for ca in cas if "until" in ca}
+
+
+def encode_trust_copy(cas, seq):
+    """One trust-store copy (the framed blob), this firmware's own encoder."""
+    import zlib
+
+    entries = []
+    for ca in cas:
+        entry = {"name": ca["name"], "pem": ca["pem"]}
+        if ca.get("until") is not None:
+            entry["until"] = ca["until"]
+        entries.append(entry)
+    body = json.dumps({"cas": entries, "seq": seq}, sort_keys=True, separators=(",", ":")).encode("utf-8")
+    return BLOB_HEAD.pack(TRUST_MAGIC, 1, len(entries), len(body), zlib.crc32(body)) + body
+
+
+class TrustWriteFailed(Exception):
+    pass
+
+
+def write_trust_store(hal, ev, cas, current):
+    """Write `cas` as a new trust store into the copy that is not `current` (copy 0 when there is
+    none), seq = current's + 1: event line, both pages of the copy (the unused one erased), read back
+    and compared. TrustWriteFailed(detail) if the part fails: the copy is then erased again (as far
+    as the part lets it), so `current` stays the store even where the failed write left a whole blob."""
+    flash = hal.flash
+    first = flash.layout.trust_first_page + (0 if current is None else 1 - current["copy"]) * TRUST_COPY_PAGES
+    try:
+        _write_trust_copy(hal, ev, cas, current, first)
+    except TrustWriteFailed:
+        for i in range(TRUST_COPY_PAGES):
+            try:
+                flash.erase_page(first + i)
+            except Exception:
+                pass  # the part refuses: a blob it left half-written fails its CRC anyway
+        raise
+
+
+def _write_trust_copy(hal, ev, cas, current, first):
+    flash = hal.flash
+    page = flash.page_size
+    copy = 0 if current is None else 1 - current["copy"]
+    seq = (current["seq"] + 1) & 0xFFFFFFFF if current is not None else 1
+    blob = encode_trust_copy(cas, seq)
+    ev("trust-write", copy=copy, seq=seq)
+    for i in range(TRUST_COPY_PAGES):
+        part = blob[i * page:(i + 1) * page]
+        try:
+            if part:
+                flash.write_page(first + i, part)
+            else:
+                flash.erase_page(first + i)
+        except hal.FlashFault as exc:
+            raise TrustWriteFailed(str(exc)) from None
+        except Exception as exc:
+            raise TrustWriteFailed(describe(exc)) from None
+    try:
+        readback = flash.read(first * page, TRUST_COPY_PAGES * page)
+    except Exception as exc:
+        raise TrustWriteFailed(describe(exc)) from None
+    expected = blob + b"\xff" * (TRUST_COPY_PAGES * page - len(blob))
+    for i in range(TRUST_COPY_PAGES):
+        if readback[i * page:(i + 1) * page] != expected[i * page:(i + 1) * page]:
+            raise TrustWriteFailed(f"readback mismatch at page {first + i}")
+
+
+def updated_trust(cas, body, now):
+    """The trust store after a verified CA update `body` at server time `now`: the roots it adds (no
+    end), then every root it had that was not re-added, kept until min(its end, now + overlap_s);
+    roots whose end is not after `now` are gone. The drop_old_ca fault build keeps none of them."""
+    added = [{"name": e["name"], "pem": e["pem"]} for e in body["add"]]
+    if FAULTS.get("drop_old_ca"):
+        return added
+    names = {e["name"] for e in added}
+    kept = []
+    for ca in cas:
+        if ca["name"] in names:
+            continue
+        until = now + body["overlap_s"]
+        if "until" in ca:
+            until = min(until, ca["until"])
+        if until > now:
+            kept.append({"name": ca["name"], "pem": ca["pem"], "until": until})
+    return kept + added
+
+
+# --- the device state: security counter and time floor, two copies (docs/flash-layout.md) -------
+# The reader takes the valid copy with the highest seq; the writer, this firmware only, writes seq + 1
+# into the other copy, so a torn write leaves the previous state. One writer at a time (a lock): the
+# shell's `time sync`, the agent's jobs and the boot's counter repair run in different threads.
+
+STATE_MAGIC = b"CDST"
+STATE_BODY = struct.Struct("<4sHHIIQI")  # magic, version, size, seq, security counter, time floor, reserved
+STATE_SIZE = STATE_BODY.size + 4         # then the CRC-32 of the 28 bytes before it
+STATE_LOCK = threading.Lock()
+
+
+class StateWriteFailed(Exception):
+    pass
+
+
+def encode_state(seq, counter, floor):
+    import zlib
+
+    body = STATE_BODY.pack(STATE_MAGIC, 1, STATE_SIZE, seq & 0xFFFFFFFF, counter, floor, 0)
+    return body + struct.pack("<I", zlib.crc32(body))
+
+
+def parse_state(raw):
+    """(seq, counter, floor) of one device-state copy, or None (erased, torn, another version)."""
+    import zlib
+
+    raw = bytes(raw)
+    if len(raw) < STATE_SIZE:
+        return None
+    (crc,) = struct.unpack_from("<I", raw, STATE_BODY.size)
+    if zlib.crc32(raw[:STATE_BODY.size]) != crc:
+        return None
+    magic, version, size, seq, counter, floor, _ = STATE_BODY.unpack_from(raw)
+    if magic != STATE_MAGIC or version != 1 or size != STATE_SIZE:
+        return None
+    return seq, counter, floor
+
+
+def read_device_state(hal):
+    """{"counter", "floor", "seq", "copy"}: the valid copy with the highest seq (a tie: copy 0), or
+    counter 0, floor 0, seq 0, copy None when neither is valid."""
+    flash = hal.flash
+    best = {"counter": 0, "floor": 0, "seq": 0, "copy": None}
+    for copy in (0, 1):
+        found = parse_state(flash.read(flash.layout.state_offset + copy * flash.page_size, STATE_SIZE))
+        if found is not None and (best["copy"] is None or found[0] > best["seq"]):
+            best = {"seq": found[0], "counter": found[1], "floor": found[2], "copy": copy}
+    return best
+
+
+def update_device_state(hal, ev, change):
+    """Under the lock: `change(current)` gives (counter, floor) to store, or None for no change; the
+    record goes into the other copy with seq + 1, after `EV: state-write copy=<c> seq=<s>`, and is read
+    back. The new state, or None when nothing changed; StateWriteFailed(detail) if the part fails."""
+    flash = hal.flash
+    with STATE_LOCK:
+        current = read_device_state(hal)
+        wanted = change(current)
+        if wanted is None:
+            return None
+        counter, floor = wanted
+        copy = 0 if current["copy"] is None else 1 - current["copy"]
+        seq = (current["seq"] + 1) & 0xFFFFFFFF
+        page = flash.layout.state_first_page + copy
+        record = encode_state(seq, counter, floor)
+        ev("state-write", copy=copy, seq=seq)
+        try:
+            flash.write_page(page, record)
+            readback = flash.read(page * flash.page_size, STATE_SIZE)
+        except hal.FlashFault as exc:
+            raise StateWriteFailed(str(exc)) from None
+        except Exception as exc:
+            raise StateWriteFailed(describe(exc)) from None
+        if readback != record:
+            raise StateWriteFailed(f"readback mismatch at page {page}")
+        return {"counter": counter, "floor": floor, "seq": seq, "copy": copy}
+
+
+def raise_time_floor(hal, ev, t):
+    """An accepted server time `t` becomes the floor if it is above it (an answer is never earlier
+    than the floor: the verifier refuses those). StateWriteFailed if the part fails."""
+    update_device_state(hal, ev, lambda cur: (cur["counter"], t) if t > cur["floor"] else None)
+
+
+def image_security_counter(data):
+    """The security counter the manifest of an image declares (0 for an image without one)."""
+    image = parse_image_or_none(data)
+    for kind, _flags, value in (image["tlvs"] if image else ()):
+        if kind == IMG_TLV_MANIFEST:
+            try:
+                counter = json.loads(value.decode("utf-8")).get("security_counter")
+            except (UnicodeDecodeError, ValueError, RecursionError, AttributeError):
+                return 0
+            return counter if is_uint(counter) and counter < 2**32 else 0
+    return 0
+
+
+def raise_security_counter(hal, say, ev):
+    """The running image is confirmed: the stored security counter goes up to its manifest's (never
+    down), so an image under it is refused from now on. A failed write is said and left to the next
+    normal boot, which repairs it."""
+    flash = hal.flash
+    counter = image_security_counter(flash.read(flash.layout.slot_offset(hal.booted_slot), flash.slot_size))
+    try:
+        done = update_device_state(hal, ev, lambda cur: (counter, cur["floor"]) if counter > cur["counter"] else None)
+    except StateWriteFailed as exc:
+        say(f"FW: security counter write failed: {exc}")
+        return
+    if done is not None:
+        say(f"FW: security counter {counter}")
 
 
 def pem_fingerprint(pem):
