@@ -49,6 +49,8 @@ def _is_worker(config: pytest.Config) -> bool:
 @pytest.hookimpl(tryfirst=True)
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "xdist_group(name): keep tests of one cart on one worker")
+    config.addinivalue_line("markers", "hil_one_per_revision: run on the first selected cart of each hardware "
+                                       "revision only (checks of the gate itself, e.g. a seeded fault build is caught)")
     root = Path(config.rootpath)
     rig_opt = config.getoption("--rig")
     rig_path = Path(rig_opt) if rig_opt else root / DEFAULT_RIG
@@ -250,6 +252,13 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     except ConfigError as exc:  # ended once collection is done (an exit in here is just a collection error)
         st.unusable = st.unusable or str(exc)
         slots = []
+    if metafunc.definition.get_closest_marker("hil_one_per_revision") is not None:
+        # a check of the gate (a fault build must be caught) depends on the firmware, not on the sensor set:
+        # one cart per hardware revision is enough, and the release's own tests still run on every cart
+        firsts: dict[str, object] = {}
+        for s in slots:
+            firsts.setdefault(s.cart.hardware_revision, s)
+        slots = list(firsts.values())
     # one xdist group per cart: under loadgroup all of a cart's tests run on one worker, in order
     params = [pytest.param(s.cart_id, id=s.cart_id, marks=pytest.mark.xdist_group(s.cart_id)) for s in slots]
     metafunc.parametrize("cart", params, indirect=True)
@@ -295,6 +304,12 @@ def cart(request: pytest.FixtureRequest, bench):
     """One cart of the rig, its console slice recorded for this test, safe state afterwards."""
     c = bench.cart(request.param)
     c.ensure_usable()  # a quarantined cart fails at once with the reason it was quarantined
+    if c.id not in _DRIFTED:  # the configuration's RTC error, as deployed, once per session
+        _DRIFTED.add(c.id)
+        if c.config.clock.drift_s:
+            c.power_on()
+            c.apply_drift()
+            c.power_off()
     start = c.console.mark()
     request.node.stash[CART_KEY] = (c, start)
     yield c
@@ -307,6 +322,7 @@ def cart(request: pytest.FixtureRequest, bench):
 
 
 CART_KEY = pytest.StashKey[tuple]()
+_DRIFTED: set[str] = set()  # carts whose clock this process has set to their configured drift
 
 
 @pytest.fixture(scope="session")
@@ -348,10 +364,25 @@ def ota(cart, fleet, firmware_builds, lab_pki, rig: Rig):
 
     steps = CartOta(cart, fleet, firmware_builds, Signer(lab_pki), release_hardware(rig))
     yield steps
+    steps.close()  # a run the test left open (a deferred job): its execution canceled
+    fleet.time.set_mode(cart.id, "normal")  # a test that made the time service misbehave for this cart
     hidden = steps.hidden_rollbacks()
     if hidden:  # job status said success while the cart went back: never a pass, checked or not
         pytest.fail("job SUCCEEDED but the cart rolled back:\n" + "\n".join(o.describe() for o in hidden),
                     pytrace=False)
+
+
+@pytest.fixture
+def factory_reset(ota, cart, fleet):
+    """The cart as shipped after the test, whatever it did: factory firmware in slot A, the factory trust
+    store, the device state erased (security counter and time floor back to zero). For tests that raise
+    the counter, move the server time on, change the trust store or leave a fault build running — each
+    would change what every later test on the cart finds."""
+    from harness.recovery import recover_factory
+
+    yield
+    fleet.time.set_mode(cart.id, "normal")
+    recover_factory(cart)
 
 
 @pytest.fixture

@@ -16,7 +16,7 @@ import pytest
 
 from harness import pki
 from harness.fleet import ImageHost
-from harness.ota import DELETE, bump
+from harness.ota import DELETE, OtaError, bump
 
 OTHER_HOST = "127.0.0.2"  # another loopback address: Linux routes all of 127/8 to this machine
 
@@ -190,3 +190,41 @@ def test_broker_connection_lost_mid_download_resumes(cart, ota, fleet):
     assert resumed, f"the download started over instead of resuming: {[r.as_dict() for r in served]}"
     assert sum(r.bytes_sent for r in served if r.method == "GET") < 1.6 * len(image), [r.as_dict() for r in served]
     assert out.events.get("ota_download_resumed")
+
+
+# ---------------------------------------------------------------- anti-rollback: the security counter
+
+
+def test_image_below_the_security_counter_is_rejected_even_at_a_higher_version(cart, ota, factory_reset):
+    """The counter rises only when an image carrying a higher one is confirmed; after that, a release
+    signed with a lower counter is refused for that reason although its version is higher (a signed
+    but vulnerable old build re-released under a new number). `factory_reset` puts the counter back."""
+    running = cart.power_on().version
+    counter = cart.device_state().counter
+    raised = bump(running, patch=1)
+    ota.update(ota.image(raised, security_counter=counter + 1)).expect_confirmed()
+    after = cart.device_state().counter
+    assert after == counter + 1, f"{cart.id}: security counter {counter} -> {after} after a confirmed {counter + 1}"
+    ota.update(ota.image(bump(raised, patch=1), security_counter=counter)).expect_rejected("security counter")
+    assert cart.device_state().counter == counter + 1
+    ota.update(ota.image(bump(raised, patch=1), security_counter=counter + 1)).expect_confirmed()  # equal is fine
+
+
+def test_a_rejected_or_rolled_back_image_never_raises_the_security_counter(cart, ota, factory_reset):
+    running = cart.power_on().version
+    counter = cart.device_state().counter
+    target = bump(running, patch=1)
+    ota.update(ota.image(target, security_counter=counter + 5, faults={"self_test_fail": True})).expect_rolled_back()
+    ota.update(ota.image(target, security_counter=counter + 5, hardware=["rev-z"])).expect_rejected("wrong hardware")
+    assert cart.device_state().counter == counter, f"{cart.id}: the counter moved without a confirmed image"
+
+
+@pytest.mark.hil_one_per_revision
+def test_fault_build_ignoring_the_security_counter_is_caught(cart, ota, factory_reset):
+    running = bump(cart.power_on().version, patch=1)
+    counter = cart.device_state().counter
+    ota.update(ota.image(running, security_counter=counter + 1,
+                         faults={"ignore_security_counter": True})).expect_confirmed()
+    out = ota.update(ota.image(bump(running, patch=1), security_counter=counter))
+    with pytest.raises(OtaError, match="expected the update to be rejected"):
+        out.expect_rejected("security counter")

@@ -1,0 +1,239 @@
+"""Clock skew, on every cart: the device decides "is this release valid now?" on a time it got from
+the lab's time service (its nonce, signed by a key chained to the lab PKI), never on its own clock.
+
+The field near-miss this suite exists for: carts whose clocks drifted about 12 hours rejected a valid
+image as "not yet valid", rolled back and retried in a loop. Here a cart's clock is put hours or years
+off and the update must go through with one time exchange and no rollback; a release that really is
+outside its signed window (or whose signer certificate is) is refused for exactly that reason, by
+server time, while the cart's own clock says otherwise; a time service that does not answer defers
+the update without a retry storm; a bad time answer never moves the cart's clock state.
+
+Every test leaves the cart's clock as its configuration has it (`clock.drift_s`) and the time service
+answering normally (the `ota` fixture resets it).
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from harness.ota import OtaError, bump
+
+HOUR = 3600
+DAY = 86400
+YEAR = 365 * DAY
+
+
+@pytest.fixture
+def own_clock(cart):
+    """The test moves the cart's clock; afterwards it is back at its configured drift."""
+    yield
+    cart.apply_drift()
+
+
+def time_requests(fleet, cart, since: int = 0) -> list:
+    return fleet.time.requests(cart.id)[since:]
+
+
+# ---------------------------------------------------------------- the near-miss: a skewed clock must not matter
+
+
+@pytest.mark.parametrize("skew", [pytest.param(12 * HOUR, id="ahead-12h"), pytest.param(-12 * HOUR, id="behind-12h"),
+                                  pytest.param(3 * YEAR, id="ahead-3y"), pytest.param(-3 * YEAR, id="behind-3y")])
+def test_skewed_cart_clock_updates_with_one_time_exchange_and_no_rollback(cart, ota, fleet, own_clock, skew):
+    running = cart.power_on().version
+    cart.skew_clock(skew)
+    mark = len(time_requests(fleet, cart))
+    out = ota.update(ota.image(bump(running, patch=1))).expect_confirmed()
+    asked = time_requests(fleet, cart, mark)
+    assert len(asked) == 1, (f"{cart.id}: {len(asked)} time requests for one update with the clock {skew:+d} s off "
+                             f"(expected exactly one: a valid answer ends the exchange)\n{out.describe()}")
+    assert out.rollback_metric == 0 and out.after.rollbacks == out.before.rollbacks, out.describe()
+
+
+# ---------------------------------------------------------------- validity decided by server time
+
+
+@pytest.mark.parametrize(("window", "cart_clock", "reason"), [
+    pytest.param((-60 * DAY, -30 * DAY), -45 * DAY, "expired", id="manifest-expired"),
+    pytest.param((30 * DAY, 60 * DAY), 45 * DAY, "not yet valid", id="manifest-not-yet-valid"),
+])
+def test_manifest_outside_its_window_by_server_time_is_rejected(cart, ota, fleet, own_clock, window, cart_clock,
+                                                                reason):
+    """The cart's own clock is put inside the signed window: only server time can say it is outside."""
+    target = bump(cart.power_on().version, patch=1)
+    now = fleet.server_time(cart.id)
+    image = ota.image(target, issued=now + window[0], expires=now + window[1])
+    cart.skew_clock(cart_clock)
+    ota.update(image).expect_rejected(reason)
+
+
+@pytest.mark.parametrize(("validity", "cart_clock", "reason"), [
+    pytest.param((-400 * DAY, -DAY), -200 * DAY, "signer expired", id="signer-expired"),
+    pytest.param((DAY, 400 * DAY), 200 * DAY, "signer not yet valid", id="signer-not-yet-valid"),
+])
+def test_signer_certificate_outside_its_validity_is_rejected(cart, ota, fleet, lab_pki, own_clock, validity,
+                                                             cart_clock, reason):
+    """The manifest is valid; the code-signing certificate is not, at server time (the cart's clock is
+    put inside the certificate's validity, so a cart that asked its own clock would accept it)."""
+    import datetime as dt
+
+    target = bump(cart.power_on().version, patch=1)
+    now = fleet.server_time(cart.id)
+    at = lambda s: dt.datetime.fromtimestamp(now + s, dt.UTC)  # noqa: E731
+    leaf = lab_pki.issue_signer(ota.ca, at(validity[0]), at(validity[1]))
+    image = ota.image(target, leaf=leaf)
+    cart.skew_clock(cart_clock)
+    ota.update(image).expect_rejected(reason)
+
+
+# ---------------------------------------------------------------- no time, no update — and no storm
+
+
+QUIET_S = 5.0  # watched after the deferral: well inside the agent's first back-off (30 s)
+
+
+def test_time_service_unreachable_defers_the_update_without_a_retry_storm(cart, ota, fleet):
+    running = cart.power_on().version
+    image = ota.image(bump(running, patch=1))
+    mark = len(time_requests(fleet, cart))
+    fleet.time.set_mode(cart.id, "silent")
+    run = ota.start(image)
+    try:
+        out = run.wait_deferred()
+        out.expect_deferred("time service unreachable")
+        attempts = len(time_requests(fleet, cart, mark))
+        more = fleet.time.wait_quiet(cart.id, since=mark + attempts, quiet_s=QUIET_S)
+    finally:
+        run.close()
+    print(f"{cart.id}: time requests under an unreachable time service: {attempts} before the deferral, "
+          f"{more} in the {QUIET_S:g} s after it")
+    assert attempts == 3, f"{cart.id}: {attempts} time requests before deferring (expected the agent's 3 tries)"
+    assert more == 0, f"{cart.id}: {more} more time requests within {QUIET_S:g} s of deferring: a retry storm"
+    # the service back: the next job goes through, with one exchange
+    fleet.time.set_mode(cart.id, "normal")
+    mark = len(time_requests(fleet, cart))
+    ota.update(ota.image(bump(running, patch=1))).expect_confirmed()
+    assert len(time_requests(fleet, cart, mark)) == 1
+
+
+# ---------------------------------------------------------------- bad answers change nothing
+
+BAD_ANSWERS = [
+    pytest.param("replay", 0, "nonce mismatch", id="replayed-old-nonce"),
+    pytest.param("forged", 0, "bad signature", id="forged-wrong-key"),
+    pytest.param("rogue", 0, "untrusted signer", id="signed-under-unknown-root"),
+    pytest.param("normal", -HOUR, "earlier than last accepted", id="earlier-than-last-accepted"),
+    pytest.param("normal", 20 * YEAR, "from the future", id="from-the-far-future"),
+    pytest.param("unsigned", 0, "unsigned", id="unsigned"),
+    pytest.param("malformed", 0, "malformed*", id="malformed"),
+    pytest.param("oversized", 0, "malformed*", id="oversized"),
+]
+
+
+def check_bad_answer_rejected(cart, fleet, mode: str, offset_s: int, reason: str) -> None:
+    """A good exchange first (so there is an answer to replay and a time to be earlier than), then the
+    bad answer: `time sync` must say rejected for exactly `reason`, and the device state (time floor,
+    security counter) must be what the good exchange left."""
+    good = cart.time_sync()
+    assert good.result == "ok", f"{cart.id}: the first, good exchange failed: {good}"
+    before = cart.device_state()
+    assert before.floor == good.t, f"{cart.id}: accepted time {good.t} but the stored floor is {before.floor}"
+    fleet.time.set_mode(cart.id, mode, offset_s=offset_s)
+    bad = cart.time_sync(tries=1)  # one request: how the cart judges that one answer
+    fleet.time.set_mode(cart.id, "normal")
+    ok = bad.reason.startswith(reason[:-1]) if reason.endswith("*") else bad.reason == reason
+    assert bad.result == "rejected" and ok, (f"{cart.id}: time answer ({mode}, offset {offset_s:+d} s) gave "
+                                             f"{bad.result} {bad.reason!r}, expected rejected {reason!r}")
+    after = cart.device_state()
+    assert after == before, f"{cart.id}: a rejected time answer changed the device state: {before} -> {after}"
+
+
+@pytest.mark.parametrize(("mode", "offset_s", "reason"), BAD_ANSWERS)
+def test_bad_time_answer_is_rejected_and_changes_nothing(cart, ota, fleet, mode, offset_s, reason):
+    cart.power_on()
+    check_bad_answer_rejected(cart, fleet, mode, offset_s, reason)
+
+
+def test_update_with_a_replayed_time_answer_is_deferred_and_writes_nothing(cart, ota, fleet):
+    target = bump(cart.power_on().version, patch=1)
+    assert cart.time_sync().result == "ok"  # an answer the service can replay
+    fleet.time.set_mode(cart.id, "replay")
+    run = ota.start(ota.image(target))
+    try:
+        run.wait_deferred().expect_deferred("time answer rejected: nonce mismatch")
+    finally:
+        run.close()
+
+
+# ---------------------------------------------------------------- the trial window runs on monotonic time
+
+
+def _trial_started(run, target: str) -> float:
+    """When the trial boot of `target` reached its shell (harness monotonic time)."""
+    t_banner, text = run.wait_event("banner", run.budget, what=f"the trial boot of {target}")
+    assert "mode=trial" in text and f"fw={target}" in text, text
+    run.wait_event("ready", run.budget, after=t_banner, what="the trial boot's shell")
+    return t_banner
+
+
+@pytest.mark.parametrize("jump", [pytest.param(12 * HOUR, id="ahead-12h"), pytest.param(-12 * HOUR, id="behind-12h")])
+def test_wall_clock_jump_in_the_trial_window_does_not_end_a_good_trial(cart, ota, own_clock, jump):
+    target = bump(cart.power_on().version, patch=1)
+    run = ota.start(ota.image(target))
+    _trial_started(run, target)
+    cart.skew_clock(jump)
+    out = run.wait()
+    ota.outcomes.append(out)
+    out.expect_confirmed()
+
+
+@pytest.mark.parametrize("jump", [pytest.param(-12 * HOUR, id="behind-12h")])
+def test_wall_clock_jump_in_the_trial_window_does_not_move_the_mark_good_deadline(cart, ota, own_clock, jump):
+    """A build that never marks itself good is rolled back when its window ends by the board's monotonic
+    clock: a clock set back 12 h does not give it 12 more hours. (Set forward, it does not end a good
+    trial at once: the test before.)"""
+    running = cart.power_on().version
+    target = bump(running, patch=1)
+    window = cart.config.boot.mark_good_window_s
+    run = ota.start(ota.image(target, faults={"never_mark_good": True}))
+    t_trial = _trial_started(run, target)
+    cart.skew_clock(jump)
+    out = run.wait()
+    ota.outcomes.append(out)
+    out.expect_rolled_back()
+    t_reset = out.events["watchdog"][0][0]
+    lasted = t_reset - t_trial
+    assert window * 0.9 <= lasted <= window + cart.boot_timeout, (
+        f"{cart.id}: the trial of {target} ended {lasted:.1f} s after its boot with the clock moved {jump:+d} s; "
+        f"its mark-good window is {window} s")
+    assert cart.version() == running
+
+
+# ---------------------------------------------------------------- the seeded fault builds these checks exist for
+
+# They test the gate, not the release: run on one cart per hardware revision (plugin marker).
+
+
+def install(ota, cart, faults: dict) -> str:
+    """Put a fault build on the cart as its running, confirmed firmware; its version."""
+    target = bump(cart.power_on().version, patch=1)
+    ota.update(ota.image(target, faults=faults)).expect_confirmed()
+    return target
+
+
+@pytest.mark.hil_one_per_revision
+def test_fault_build_validating_against_its_own_clock_is_caught(cart, ota, own_clock, factory_reset):
+    """Near-miss 1 itself: the fault build checks the signed window against its RTC, 12 h behind."""
+    running = install(ota, cart, {"local_clock": True})
+    cart.skew_clock(-12 * HOUR)
+    out = ota.update(ota.image(bump(running, patch=1)))
+    with pytest.raises(OtaError, match="expected the update to be confirmed, got rejected"):
+        out.expect_confirmed()
+    assert out.reason == "not yet valid", out.describe()
+
+
+@pytest.mark.hil_one_per_revision
+def test_fault_build_accepting_a_time_answer_for_another_nonce_is_caught(cart, ota, fleet, factory_reset):
+    install(ota, cart, {"ignore_nonce": True})
+    with pytest.raises(AssertionError, match="gave ok"):
+        check_bad_answer_rejected(cart, fleet, "replay", 0, "nonce mismatch")
