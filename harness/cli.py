@@ -63,8 +63,44 @@ def cmd_smoke(a: argparse.Namespace) -> int:
     for t in a.tag:
         args += ["--tag", t]
     rc = _pytest(args + a.pytest_args)
+    if a.cmd == "gate" and not _gate_preflight(rig, slots, out):
+        rc = rc or 1
     print(f"hil {a.cmd}: {'PASS' if rc == 0 else 'FAIL'} ({len(slots)} carts on {rig.name}); reports in {out}")
     return rc
+
+
+def _gate_preflight(rig: Rig, slots, out: Path) -> bool:
+    """The rollout preflight of the release the gate tested, signed under each root the selected carts
+    were provisioned with: which configurations each signing reaches (`preflight.json`). False if some
+    configuration no signing reaches (no release could ever update it: the CA-rotation deadlock)."""
+    import json
+
+    from harness.ota import FirmwareBuilds, Signer, bump, open_lab_pki, release_hardware
+    from harness.rollout import configurations_of, rollout_plan
+
+    configs = configurations_of(rig, slots)
+    version = bump(max((s.cart.firmware.initial_version for s in slots), key=_version_key), minor=1)
+    unsigned = FirmwareBuilds(rig, out / "preflight").build(version)
+    signer = Signer(open_lab_pki(rig))
+    roots = sorted({ca for c in configs for ca in c.cas})
+    images = {root: signer.sign(unsigned, hardware=release_hardware(rig), ca=root) for root in roots}
+    verdicts, unreachable = rollout_plan(images, configs)
+    print(f"rollout preflight of {version}, signed under each root the carts have:")
+    for root, v in verdicts.items():
+        for line in v.lines():
+            print(f"  {root}: {line}")
+    if unreachable:
+        print(f"  REFUSED: no signed release reaches {', '.join(unreachable)}")
+    (out / "preflight.json").write_text(json.dumps({
+        "version": version, "unreachable": unreachable,
+        "by_root": {root: {"ok": v.ok, "configurations": v.configurations,
+                           "refused": {r.configuration: list(r.lacks) for r in v.refused}}
+                    for root, v in verdicts.items()}}, indent=2))
+    return not unreachable
+
+
+def _version_key(v: str) -> tuple[int, ...]:
+    return tuple(int(x) for x in v.split("-", 1)[0].split("."))
 
 
 def cmd_test(a: argparse.Namespace) -> int:

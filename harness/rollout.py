@@ -194,6 +194,24 @@ def preflight(image_bytes: bytes, inventory: Path | str | Rig | Iterable[Configu
     return RolloutVerdict(release, len(configs), refused)
 
 
+def configurations_of(rig: Rig, slots=None) -> list[Configuration]:
+    """The configurations on `rig` (or on its `slots`, a selection), as provisioned."""
+    return [_from_cart(s.cart) for s in (rig.slots if slots is None else slots)]
+
+
+def rollout_plan(images: dict[str, bytes], configs: Iterable[Configuration]) -> tuple[dict[str, RolloutVerdict],
+                                                                                     list[str]]:
+    """The same release signed under each root in `images` ({root: signed image}), checked against
+    `configs`: {root: verdict}, and the configurations none of them can reach (a deadlock: no signed
+    release could ever update them)."""
+    configs = list(configs)
+    verdicts = {root: preflight(image, configs, source=f"release signed under {root}")
+                for root, image in images.items()}
+    unreachable = [c.id for c in configs
+                   if all(any(r.configuration == c.id for r in v.refused) for v in verdicts.values())]
+    return verdicts, unreachable
+
+
 def check_command(image: Path, fleet: Path) -> int:
     """`hil rollout check`: the lines, exit 0 (OK) or 1 (refused); unreadable input raises (exit 2 in the CLI)."""
     verdict = preflight(read_image(image), fleet, source=str(image))

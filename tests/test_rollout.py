@@ -15,7 +15,7 @@ from harness import image as himage
 from harness import pki
 from harness.cli import main
 from harness.config import ConfigError, Rig
-from harness.rollout import Configuration, preflight
+from harness.rollout import Configuration, preflight, rollout_plan
 
 ROOT = Path(__file__).resolve().parent.parent
 CARTS = ROOT / "configs" / "carts"
@@ -179,3 +179,17 @@ def test_the_command_exits_with_its_status_and_no_traceback(release, tmp_path):
     assert refused.returncode == 1 and refused.stderr == "" and "REFUSED cart-08" in refused.stdout
     bad = run(str(tmp_path / "missing.img"), "--fleet", str(CARTS))
     assert bad.returncode == 2 and bad.stdout == "" and len(bad.stderr.splitlines()) == 1, bad.stderr
+
+
+def test_rollout_plan_names_a_configuration_no_signing_reaches(release):
+    """The gate's preflight: the release signed under each root; a configuration none reaches is the
+    CA-rotation deadlock (it holds only a root no release is signed under)."""
+    images = {ca: release(ca).read_bytes() for ca in (pki.ROOT_OLD, pki.ROOT_NEW)}
+    fleet = [Configuration("old-only", "rev-c", (pki.ROOT_OLD,)), Configuration("new-only", "rev-c", (pki.ROOT_NEW,)),
+             Configuration("both", "rev-c", (pki.ROOT_OLD, pki.ROOT_NEW)),
+             Configuration("stranded", "rev-c", (pki.ROOT_NEXT,))]
+    verdicts, unreachable = rollout_plan(images, fleet)
+    assert unreachable == ["stranded"]
+    assert [r.configuration for r in verdicts[pki.ROOT_OLD].refused] == ["new-only", "stranded"]
+    assert [r.configuration for r in verdicts[pki.ROOT_NEW].refused] == ["old-only", "stranded"]
+    assert rollout_plan(images, fleet[:3])[1] == []
