@@ -16,6 +16,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import subprocess
 import sys
@@ -63,10 +64,73 @@ def cmd_smoke(a: argparse.Namespace) -> int:
     for t in a.tag:
         args += ["--tag", t]
     rc = _pytest(args + a.pytest_args)
+    tally = junit_tally(out / "junit.xml")
+    unearned = tally.unearned()
+    if unearned:  # a selection that ran nothing, or skipped a scenario, has not shown anything passes
+        print(f"hil {a.cmd}: {unearned}")
+        rc = rc or 1
     if a.cmd == "gate" and not _gate_preflight(rig, slots, out):
         rc = rc or 1
-    print(f"hil {a.cmd}: {'PASS' if rc == 0 else 'FAIL'} ({len(slots)} carts on {rig.name}); reports in {out}")
+    print(f"hil {a.cmd}: {'PASS' if rc == 0 else 'FAIL'} ({len(slots)} carts on {rig.name}; {tally.summary()}); "
+          f"reports in {out}")
     return rc
+
+
+@dataclasses.dataclass
+class Tally:
+    """What a run's JUnit XML says: scenarios per cart and how each ended."""
+
+    per_cart: dict[str, int] = dataclasses.field(default_factory=dict)
+    passed: int = 0
+    failed: int = 0
+    skipped: list[str] = dataclasses.field(default_factory=list)
+    missing: bool = False
+
+    def unearned(self) -> str | None:
+        """Why a run without failures is still no PASS, or None."""
+        if self.missing:
+            return "no JUnit XML was written: no verdict"
+        if not self.passed and not self.failed:
+            return "nothing ran (no scenario matched the selection): no verdict"
+        if self.skipped:
+            more = f" and {len(self.skipped) - 3} more" if len(self.skipped) > 3 else ""
+            return (f"{len(self.skipped)} scenario(s) skipped — a skipped scenario is not a pass: "
+                    f"{', '.join(self.skipped[:3])}{more}")
+        return None
+
+    def summary(self) -> str:
+        carts = ", ".join(f"{c} {n}" for c, n in sorted(self.per_cart.items()))
+        return (f"{self.passed} passed, {self.failed} failed, {len(self.skipped)} skipped"
+                + (f"; scenarios per cart: {carts}" if carts else ""))
+
+
+def junit_tally(path: Path) -> Tally:
+    """Count a JUnit XML's test cases by outcome and by cart (the `cart` property the plugin records on
+    every test of a cart). A teardown error is reported by pytest as a second entry of the same case: counted once."""
+    import xml.etree.ElementTree as ET
+
+    try:
+        root = ET.parse(path).getroot()
+    except (OSError, ET.ParseError):
+        return Tally(missing=True)
+    tally = Tally()
+    seen: set[str] = set()
+    for case in root.iter("testcase"):
+        name = f"{case.get('classname', '')}::{case.get('name', '')}"
+        if name in seen:
+            continue
+        seen.add(name)
+        prop = case.find("properties/property[@name='cart']")  # the plugin's user property
+        cart = prop.get("value") if prop is not None else None
+        if case.find("skipped") is not None:
+            tally.skipped.append(case.get("name", name))
+        elif case.find("failure") is not None or case.find("error") is not None:
+            tally.failed += 1
+        else:
+            tally.passed += 1
+        if cart:
+            tally.per_cart[cart] = tally.per_cart.get(cart, 0) + 1
+    return tally
 
 
 def _gate_preflight(rig: Rig, slots, out: Path) -> bool:
@@ -108,7 +172,9 @@ def cmd_test(a: argparse.Namespace) -> int:
     rc = subprocess.call([sys.executable, "-m", "ruff", "check", "."], cwd=ROOT)
     if rc != 0:
         return rc
-    workers = os.environ.get("HIL_TEST_WORKERS", "4")
+    # one worker per cart of the virtual rig: the suites wait on devices (boots, flash, the trial window),
+    # not on the CPU, and every cart's tests run in order on one worker
+    workers = os.environ.get("HIL_TEST_WORKERS", "10")
     return _pytest(["tests", "test_suites", "-n", workers, "-q", "--timeout=600", *a.pytest_args])
 
 

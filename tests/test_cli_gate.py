@@ -1,0 +1,66 @@
+"""The gate's verdict is earned: it reads the run's JUnit XML, and a run that ran nothing or skipped a
+scenario is no PASS (issue: `hil gate --tag <none>` used to skip everything and print PASS)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+
+from harness.cli import junit_tally
+
+SUITE = textwrap.dedent('''
+    import pytest
+
+    @pytest.fixture
+    def cart(request):
+        request.node.user_properties.append(("cart", request.param))
+        return request.param
+
+    @pytest.mark.parametrize("cart", ["cart-01", "cart-02"], indirect=True)
+    def test_runs(cart):
+        pass
+
+    @pytest.mark.parametrize("cart", ["cart-01"], indirect=True)
+    def test_skips(cart):
+        pytest.skip("the rig cannot do this")
+
+    @pytest.fixture
+    def breaks_after():
+        yield
+        raise RuntimeError("teardown")
+
+    def test_teardown_error(breaks_after):
+        pass
+''')
+
+
+def junit(tmp_path, *args):
+    (tmp_path / "test_gate_like.py").write_text(SUITE)
+    out = tmp_path / "junit.xml"
+    subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:cart_hil",
+                    "-p", "no:hypothesispytest", f"--junitxml={out}", "test_gate_like.py", *args],
+                   cwd=tmp_path, capture_output=True, check=False)
+    return junit_tally(out)
+
+
+def test_a_skip_is_no_pass_and_a_teardown_error_is_one_failure(tmp_path):
+    tally = junit(tmp_path)
+    assert (tally.passed, tally.failed, tally.skipped) == (2, 1, ["test_skips[cart-01]"])
+    assert tally.per_cart == {"cart-01": 2, "cart-02": 1}
+    assert tally.unearned().startswith("1 scenario(s) skipped — a skipped scenario is not a pass")
+    assert "scenarios per cart: cart-01 2, cart-02 1" in tally.summary()
+
+
+def test_a_selection_that_runs_nothing_is_no_verdict(tmp_path):
+    assert junit(tmp_path, "-k", "no_such_test").unearned() == \
+        "nothing ran (no scenario matched the selection): no verdict"
+
+
+def test_all_passed_is_earned(tmp_path):
+    tally = junit(tmp_path, "-k", "test_runs")
+    assert tally.unearned() is None and tally.passed == 2
+
+
+def test_no_junit_xml_is_no_verdict(tmp_path):
+    assert junit_tally(tmp_path / "missing.xml").unearned() == "no JUnit XML was written: no verdict"
