@@ -383,13 +383,13 @@ def test_trust_entries_read_the_end_of_overlap_and_the_store_stays_name_to_finge
 def test_time_sync_and_device_state_are_parsed():
     from harness.cart import DeviceState, TimeSync
 
-    replies = {"state": ["state counter=3 floor=1790000000 seq=7"], "time sync": ["time ok t=1790000100"]}
+    replies = {"state": ["state counter=3 floor=1790000000 seq=7"], "time sync 3": ["time ok t=1790000100"]}
     cart = _cart(replies)
     assert cart.device_state() == DeviceState(3, 1790000000)
     assert cart.time_sync() == TimeSync("ok", 1790000100, "")
-    replies["time sync"] = ["time rejected: nonce mismatch"]
-    assert cart.time_sync() == TimeSync("rejected", None, "nonce mismatch")
-    replies["time sync"] = ["time unreachable"]
+    replies["time sync 1"] = ["time rejected: nonce mismatch"]
+    assert cart.time_sync(tries=1) == TimeSync("rejected", None, "nonce mismatch")
+    replies["time sync 3"] = ["time unreachable"]
     assert cart.time_sync() == TimeSync("unreachable", None, "")
 
 
