@@ -310,6 +310,11 @@ class Console:
 
     # ---- reading ---------------------------------------------------------------------------
 
+    def last_line(self) -> Line | None:
+        """The last complete line received, or None."""
+        with self._cond:
+            return self._lines[-1] if self._lines else None
+
     def mark(self) -> int:
         """Move the expect cursor to now: nothing received so far can match. Returns the index
         the next line will have (the current unterminated line's, if there is one)."""

@@ -80,6 +80,13 @@ SIGN_ISSUED_BEFORE_S = 3600  # a release is signed as issued an hour before "now
 SIGN_VALID_S = 30 * 86400  # ... and valid for 30 days from it
 TRUST_OVERLAP_S = 90 * 86400  # a CA update keeps the roots it replaces this long (the bundle's overlap_s)
 BUNDLE_TAMPERS = ("truncated", "bad-signature")
+# an update's waits end at once, with the cause on the first line, when the cart shows it cannot end well
+CRASH_LOOP = 3          # crashes during one update: the same image failing again and again
+RETRY_STORM = 3         # the same job started this many times, again after each rollback: handed back
+BROKER_GONE_S = 5.0     # the harness without a broker connection this long
+CART_SILENT_S = 30.0    # no console line at all this long while a job is open (the agent's longest quiet
+                        # stretch is a 6 s download read timeout; a deferral is waited for by wait_deferred)
+CAUSE_RECHECK_S = 1.0   # causes are asked at every event and at least this often (a silence has no event)
 DELETE = object()  # a document override that removes the key
 _VERSION = re.compile(r"^(\d+)\.(\d+)\.(\d+)$")
 
@@ -582,6 +589,7 @@ class UpdateRun:
         self.tele_mark = fleet.telemetry.mark()
         self.console_start = cart.console.mark()
         self._seen: dict[str, list[tuple[int, float, str]]] = {}  # key -> (line index, t_mono, text)
+        self._mqtt_down_since: float | None = None
         self._cond = threading.Condition()
         self._listeners = []
         profile = cart.profile.patterns
@@ -619,7 +627,52 @@ class UpdateRun:
             with self._cond:
                 self._seen.setdefault(key, []).append((line.index, line.t_mono, line.text))
                 self._cond.notify_all()
+            if key in ("crash", "ota_job_started", "rollback"):  # a cause may have appeared: ask now
+                self.fleet.jobs.wake()
         return cb
+
+    def cause(self) -> str | None:
+        """Why this run can no longer end well, as a field engineer would name it, or None: a crash loop
+        (the cart crashed CRASH_LOOP times, in trial or after mark-good), a retry storm (the job handed back
+        and started again after each rollback), the broker gone, the cart silent. Asked by every wait of
+        the run, so a defective build fails at once with its cause on the first line instead of timing out."""
+        with self._cond:
+            seen = {k: list(v) for k, v in self._seen.items()}
+        cid = self.cart.id
+        crashes = seen.get("crash", [])
+        if len(crashes) >= CRASH_LOOP:
+            booted = sorted({m.group(1) for _, _, t in seen.get("banner", []) if (m := re.search(r"fw=(\S+)", t))})
+            why = re.sub(r"^.*?crashed: ", "", crashes[-1][2])
+            return (f"{cid}: crash loop: crashed {len(crashes)} times in {crashes[-1][1] - crashes[0][1]:.1f} s "
+                    f"(booting fw {', '.join(booted) or '?'}; last: {why})")
+        started = [t for _, t, text in seen.get("ota_job_started", []) if self.job_id in text]
+        rollbacks = [t for _, t, _ in seen.get("rollback", [])]
+        again = [t for t in started if rollbacks and t > rollbacks[0]]  # a power cut may restart a job once
+        if len(rollbacks) >= RETRY_STORM - 1 and len(again) >= RETRY_STORM - 1:
+            span = started[-1] - started[0]
+            return (f"{cid}: retry storm: job {self.job_id} started {len(started)} times in {span:.1f} s "
+                    f"({len(started) / max(span, 1e-3) * 60:.0f}/min), rolled back {len(rollbacks)} times: the job "
+                    "is handed back after every rollback")
+        now = time.monotonic()
+        if not self.fleet.mqtt.is_connected():
+            self._mqtt_down_since = self._mqtt_down_since or now
+            if now - self._mqtt_down_since >= BROKER_GONE_S:
+                b = self.fleet.rig.spec.broker
+                return (f"{cid}: broker gone: the harness has had no connection to {b.host}:{b.port} for "
+                        f"{now - self._mqtt_down_since:.0f} s")
+        else:
+            self._mqtt_down_since = None
+        last = self.cart.console.last_line()
+        quiet = now - max(last.t_mono if last else 0.0, self.t_created)
+        if quiet >= CART_SILENT_S:
+            return (f"{cid}: cart silent: no console line for {quiet:.0f} s"
+                    + (f" (last: {last.text[:120]!r})" if last else ""))
+        return None
+
+    def _raise_if_cause(self) -> None:
+        cause = self.cause()
+        if cause:
+            raise OtaError(f"{cause} (job {self.job_id})\n{self.cart.console.tail()}")
 
     @property
     def events(self) -> dict[str, list[tuple[float, str]]]:
@@ -634,31 +687,37 @@ class UpdateRun:
         return self._wait(key, timeout, after, after_line, what)[1:]
 
     def _wait(self, key: str, timeout: float, after: float, after_line: int, what: str | None):
-        deadline = time.monotonic() + timeout
-        with self._cond:
-            while True:
-                for i, t, text in self._seen.get(key, ()):
-                    if t > after and i > after_line:
-                        return i, t, text
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    raise OtaError(f"{self.cart.id}: no {what or key!r} line within {timeout:.1f} s "
-                                   f"(job {self.job_id})\n{self.cart.console.tail()}")
-                self._cond.wait(left)
+        def find():
+            return next(((i, t, text) for i, t, text in self._seen.get(key, ()) if t > after and i > after_line),
+                        None)
+        return self._await(find, timeout, lambda: f"{self.cart.id}: no {what or key!r} line within {timeout:.1f} s "
+                                                  f"(job {self.job_id})")
 
     def _first_of(self, keys: tuple[str, ...], timeout: float, after: float) -> tuple[str, float, str]:
+        def find():
+            hits = [(i, t, k, text) for k in keys for i, t, text in self._seen.get(k, ()) if t > after]
+            return min(hits)[1:] if hits else None
+        found = self._await(find, timeout, lambda: f"{self.cart.id}: none of {keys} within {timeout:.1f} s after "
+                                                   f"the job {self.job_id} ended")
+        t, k, text = found
+        return k, t, text
+
+    def _await(self, find: Callable[[], Any], timeout: float, timed_out: Callable[[], str]) -> Any:
+        """What `find()` (called under the run's lock) returns once it is not None; between console
+        events, and at least every CAUSE_RECHECK_S, the run's `cause()` ends the wait at once."""
         deadline = time.monotonic() + timeout
-        with self._cond:
-            while True:
-                hits = [(i, t, k, text) for k in keys for i, t, text in self._seen.get(k, ()) if t > after]
-                if hits:
-                    _, t, k, text = min(hits)
-                    return k, t, text
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    raise OtaError(f"{self.cart.id}: none of {keys} within {timeout:.1f} s after the job "
-                                   f"{self.job_id} ended\n{self.cart.console.tail()}")
-                self._cond.wait(left)
+        while True:
+            with self._cond:
+                found = find()
+                if found is None:
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        raise OtaError(f"{timed_out()}\n{self.cart.console.tail()}")
+                    self._cond.wait(min(left, CAUSE_RECHECK_S))
+                    found = find()
+            if found is not None:
+                return found
+            self._raise_if_cause()
 
     @property
     def budget(self) -> float:
@@ -675,7 +734,8 @@ class UpdateRun:
         try:
             with step(f"{cart.id}: wait for the job to end"):
                 try:
-                    ex = fleet.jobs.wait_status(self.job_id, cart.id, TERMINAL, timeout)
+                    ex = fleet.jobs.wait_status(self.job_id, cart.id, TERMINAL, timeout, abort=self.cause,
+                                                recheck_s=CAUSE_RECHECK_S)
                 except Exception as exc:
                     raise OtaError(f"{exc}\nconsole of {cart.id}:\n{cart.console.tail()}") from None
                 status = ex["status"]
@@ -743,9 +803,17 @@ class UpdateRun:
         return outcome
 
     def _state_after(self) -> tuple[SlotStatus, dict[str, str]]:
+        from harness.cart import CartError
+        from harness.console import ConsoleError
+
         with step(f"{self.cart.id}: state after the job"):
-            after = self.cart.slot_status()
-            hashes_after = self.cart.slot_hashes()
+            try:
+                after = self.cart.slot_status()
+                hashes_after = self.cart.slot_hashes()
+            except (CartError, ConsoleError) as exc:
+                self._raise_if_cause()  # a crash loop, a silent cart: that is the news, not the unanswered query
+                raise OtaError(f"{self.cart.id}: cannot read its state after the job {self.job_id}: "
+                               f"{(str(exc).splitlines() or [''])[0]}\n{self.cart.console.tail()}") from None
             attach("slot status after", after.brief())
         return after, hashes_after
 

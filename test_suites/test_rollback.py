@@ -82,3 +82,17 @@ def test_plain_power_cycle_never_raises_the_metric(cart, fleet):
         assert not [x.text for x in cart.console.lines(start) if rollback.search(x.text)]
     status = cart.slot_status()
     assert status.pending is None and status.confirmed
+
+
+@pytest.mark.hil_one_per_revision
+def test_crash_loop_after_mark_good_fails_at_once_naming_it(cart, ota, factory_reset):
+    """A release that confirms itself, then crashes at every boot: no A/B rollback saves the cart, the job
+    says SUCCEEDED. The update must fail at once, its first line naming the crash loop (not a timeout
+    waiting for a ready line that never comes)."""
+    target = bump(cart.power_on().version, patch=1)
+    run = ota.start(ota.image(target, faults={"crash_after_confirm": True}))
+    with pytest.raises(OtaError) as failed:
+        run.wait()
+    first = str(failed.value).splitlines()[0]
+    assert re.match(rf"{cart.id}: crash loop: crashed [3-9] times in [\d.]+ s \(booting fw {re.escape(target)}; "
+                    r"last: RuntimeError: fault build: crash after confirm\)", first), first

@@ -55,6 +55,7 @@ KNOWN_FAULTS: dict[str, type] = {  # what the reference firmware's fault builds 
     "drop_old_ca": bool,                  # a CA update replaces the trust store with the added roots only
     "ignore_nonce": bool,                 # a time answer to another nonce is accepted
     "ignore_security_counter": bool,      # images verified against security counter 0
+    "crash_after_confirm": bool,          # confirms its trial, restarts, then crashes at every normal boot
 }
 
 

@@ -139,6 +139,13 @@ class JobsTimeout(JobsError, TimeoutError):
         super().__init__(message, "Timeout")
 
 
+class JobsAborted(JobsError):
+    """A wait ended early: what the waiter watched (the cart) showed the job can no longer end well."""
+
+    def __init__(self, message: str):
+        super().__init__(message, "Aborted")
+
+
 class _Rejected(Exception):
     def __init__(self, code: str, message: str, execution: _Execution | None = None):
         super().__init__(message)
@@ -580,8 +587,13 @@ class JobsService:
                     for t, j, th, op, url in self._fetches
                     if (job_id is None or j == job_id) and (thing is None or th == thing)]
 
-    def wait_status(self, job_id: str, thing: str, statuses: str | Iterable[str], timeout: float) -> dict:
-        """Wait until the execution's status is one of ``statuses``; returns the execution."""
+    def wait_status(self, job_id: str, thing: str, statuses: str | Iterable[str], timeout: float, *,
+                    abort: Callable[[], str | None] | None = None, recheck_s: float = 1.0) -> dict:
+        """Wait until the execution's status is one of ``statuses``; returns the execution.
+
+        ``abort`` (a test's watch on the cart: a crash loop, a silent console) is asked at every status
+        change, at every `wake()` and at least every ``recheck_s``; a cause it returns ends the wait at
+        once with `JobsAborted` whose message starts with that cause."""
         wanted = {statuses} if isinstance(statuses, str) else set(statuses)
         unknown = wanted - set(STATUSES)
         if unknown:
@@ -593,6 +605,10 @@ class JobsService:
                 ex = self._execution(job_id, thing)
                 if ex.status in wanted:
                     return ex.payload(None)
+                cause = abort() if abort is not None else None
+                if cause:
+                    raise JobsAborted(f"{cause} (job {job_id} on {thing} still {ex.status} after "
+                                      f"{time.monotonic() - t0:.1f} s)")
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     hist = "\n".join(
@@ -603,7 +619,12 @@ class JobsService:
                         f" {' or '.join(sorted(wanted))}; it is {ex.status} v{ex.version}"
                         f" {ex.status_details}\nhistory:\n{hist}"
                     )
-                self._cond.wait(remaining)
+                self._cond.wait(min(remaining, recheck_s) if abort is not None else remaining)
+
+    def wake(self) -> None:
+        """Wake every `wait_status` to ask its `abort` again (something it watches has happened)."""
+        with self._cond:
+            self._cond.notify_all()
 
     # internals ----------------------------------------------------------------------------------
     def _job(self, job_id: str) -> Job:

@@ -35,6 +35,9 @@ Fault builds (FAULTS) reproduce field defects on purpose:
   bcb_single_copy: true          the firmware writes boot control itself (set-pending, mark-good)
                                  as ONE copy in place: both copy pages erased, copy 0 programmed;
                                  a power cut in that write leaves no valid boot control
+  crash_after_confirm: true      a trial boot confirms itself (its job reported SUCCEEDED), restarts,
+                                 and then crashes at the start of every normal boot: a crash loop
+                                 after mark-good, which no A/B rollback can catch
   write_running_on_erase_fail: true   when a page of the inactive slot fails to erase, the agent
                                  writes the image over the running slot instead (and reports the
                                  erase failure as the reference does)
@@ -159,6 +162,8 @@ class Firmware:
         self.say(f"FW: {FW_FAMILY} {FW_VERSION} starting slot={hal.booted_slot}")
         if FAULTS.get("crash_at_boot"):
             raise RuntimeError("fault build: crash at boot")
+        if FAULTS.get("crash_after_confirm") and hal.mode == "normal":
+            raise RuntimeError("fault build: crash after confirm")
         self.settings, self.settings_reason = read_settings(hal)
         if self.settings is not None and hal.mode == "trial" and FAULTS.get("early_success"):
             self.start_agent()  # the defect: the agent reports before the cart has shown it works
@@ -397,6 +402,9 @@ def confirm_trial(hal, say, ev):
         hal.bcb.mark_good()
     raise_security_counter(hal, say, ev)
     say(f"FW: slot {hal.booted_slot} confirmed")
+    if FAULTS.get("crash_after_confirm"):
+        say("FW: restarting after the update")
+        hal.reset()  # ... into a normal boot, which this build cannot survive: a crash loop after mark-good
 
 
 # --- boot control written by the firmware itself: the bcb_single_copy fault build only -----------
