@@ -89,6 +89,14 @@ def test_lower_version_is_rejected(cart, ota):
     ota.update(ota.image(lower(running))).expect_rejected("lower version")
 
 
+def test_job_naming_another_version_than_the_signed_image_is_rejected(cart, ota):
+    """The job document says one version, the signed manifest another: the cart must not install what
+    the release record does not say it installs."""
+    running = cart.power_on().version
+    image = ota.image(bump(running, patch=1))
+    ota.update(image, target_version=bump(running, patch=2)).expect_rejected("target version mismatch")
+
+
 @pytest.mark.parametrize(("field", "value", "reason"), [
     pytest.param("size", "+1", "download size mismatch", id="size-mismatch"),
     pytest.param("sha256", "0" * 64, "download hash mismatch", id="hash-mismatch"),
