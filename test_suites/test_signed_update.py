@@ -152,6 +152,30 @@ def test_truncated_download_fails_and_writes_nothing(cart, ota, fleet):
     assert f"{len(image) // 2} of {len(image)}" in out.reason, out.reason
 
 
+def test_resumed_download_whose_later_bytes_changed_under_the_same_etag_is_rejected(cart, ota, fleet):
+    """A mirror swaps the file behind an unchanged ETag while the cart's download is cut off: the resumed
+    bytes come from another file. The agent hashes every byte it keeps, so the mix is refused as a download
+    hash mismatch before anything is verified or written."""
+    target = bump(cart.power_on().version, patch=1)
+    image = ota.image(target)
+    half = len(image) // 2
+    swapped = image[:half] + bytes(b ^ 0x5A for b in image[half:half + 256]) + image[half + 256:]
+    fleet.images.stall_after(half - 4096, hold_s=30)
+    run = ota.start(image)
+    try:
+        fleet.images.wait_stalled(timeout=run.budget)
+        fleet.images.add(run.job_id, swapped, etag_of=image)
+        fleet.images.release()
+    finally:
+        fleet.images.stall_after(None)
+    out = run.wait()
+    ota.outcomes.append(out)
+    out.expect_rejected("download hash mismatch")
+    served = fleet.images.requests(run.job_id)
+    assert any(r.status == 206 and range_start(r) > 0 for r in served), \
+        f"the download did not resume with Range: {[r.as_dict() for r in served]}"
+
+
 def _expires(url: str) -> int:
     return int(parse_qs(urlparse(url).query)["expires"][0])
 

@@ -223,6 +223,7 @@ class ImageHost:
         self.clock = clock
         self._images: dict[str, bytes] = {}
         self._digests: dict[str, str] = {}
+        self._etags: dict[str, str] = {}  # image id -> the ETag it is served under (default: its SHA-256)
         self._cond = threading.Condition()
         self._requests: list[ImageRequest] = []
         self._listeners: list[Callable[[ImageRequest], None]] = []
@@ -363,8 +364,10 @@ class ImageHost:
         self.close()
 
     # images and URLs ----------------------------------------------------------------------------
-    def add(self, image_id: str, data: bytes) -> str:
-        """Serve ``data`` as ``image_id`` (replacing any earlier image of that id); returns its SHA-256."""
+    def add(self, image_id: str, data: bytes, *, etag_of: bytes | None = None) -> str:
+        """Serve ``data`` as ``image_id`` (replacing any earlier image of that id); returns its SHA-256.
+        ``etag_of``: serve it under the ETag of those bytes instead — a mirror that swapped the file
+        behind an unchanged ETag, so a client resuming with Range gets the new file's later bytes."""
         if not isinstance(image_id, str) or not _ID_RE.fullmatch(image_id):
             raise ValueError(f"invalid image id {image_id!r}: 1-128 of [A-Za-z0-9._-], starting alphanumeric")
         data = bytes(data)
@@ -372,12 +375,14 @@ class ImageHost:
         with self._cond:
             self._images[image_id] = data
             self._digests[image_id] = digest
+            self._etags[image_id] = hashlib.sha256(etag_of if etag_of is not None else data).hexdigest()
         return digest
 
     def remove(self, image_id: str) -> None:
         with self._cond:
             self._images.pop(image_id, None)
             self._digests.pop(image_id, None)
+            self._etags.pop(image_id, None)
 
     def has(self, image_id: str) -> bool:
         with self._cond:
@@ -509,6 +514,11 @@ class ImageHost:
     def _lookup(self, image_id: str) -> bytes | None:
         with self._cond:
             return self._images.get(image_id)
+
+    def _etag(self, image_id: str, data: bytes) -> str:
+        with self._cond:
+            etag = self._etags.get(image_id)
+        return etag or hashlib.sha256(data).hexdigest()
 
     def _stall_for(self, image_id: str, start: int, end: int) -> tuple[int, float] | None:
         """``(offset, hold_s)`` if this response (bytes start..end) must stall; disarms a ``once`` stall."""
@@ -665,7 +675,7 @@ class _Handler(BaseHTTPRequestHandler):
         headers = {
             "Content-Type": "application/octet-stream",
             "Accept-Ranges": "bytes",
-            "ETag": f'"{hashlib.sha256(data).hexdigest()}"',
+            "ETag": f'"{owner._etag(image_id, data)}"',
             "Cache-Control": "no-store",
             "Content-Length": str(end - start + 1 if size else 0),
         }
