@@ -2,6 +2,8 @@
 
     hil gate [--rig R] [--cart ID]... [--tag T]... [-n N]    release gate: smoke, signed update, rollback, flash faults,
                                                              power cuts (reduced sweep; --sweep full: all of it),
+                                                             clock skew, CA rotation, rollout preflight
+    hil gate --self-check | --nightly                        the gate against each seeded fault build | everything,
                                                              clock skew, CA rotation
     hil sweep [--rig R] [--cart ID]... [-n N] [--sweep M]     the power-cut suite alone, full sweep by default
     hil smoke [--rig R] [--cart ID]... [--tag T]... [-n N]   the rack smoke suite
@@ -55,10 +57,15 @@ def cmd_smoke(a: argparse.Namespace) -> int:
     why = dir_write_problem(out)
     if why:  # before anything runs: a gate whose reports cannot be written has no verdict to give
         return _refuse(f"cannot write reports in {out}: {why}")
+    self_check, nightly = getattr(a, "self_check", False), getattr(a, "nightly", False)
+    sweep = "full" if nightly else a.sweep
     args = [*SUITES[a.cmd], "--rig", str(rig.path), "-n", str(n),
             f"--junitxml={out / 'junit.xml'}", f"--alluredir={out / 'allure-results'}", "-q",
             "-p", "no:hypothesispytest",  # a dev-only plugin the suites never use
-            "--sweep", a.sweep]
+            "--sweep", sweep]
+    if a.cmd == "gate" and not nightly:
+        # the fault builds test the gate, not the release: the release's gate leaves them out
+        args += ["-m", "hil_self_check" if self_check else "not hil_self_check"]
     for c in a.cart:
         args += ["--cart", c]
     for t in a.tag:
@@ -69,7 +76,14 @@ def cmd_smoke(a: argparse.Namespace) -> int:
     if unearned:  # a selection that ran nothing, or skipped a scenario, has not shown anything passes
         print(f"hil {a.cmd}: {unearned}")
         rc = rc or 1
-    if a.cmd == "gate" and not _gate_preflight(rig, slots, out):
+    if self_check or nightly:
+        print("self-check of the gate (each seeded fault build must be caught, for its own reason):")
+        for line in tally.self_check_lines():
+            print(f"  {line}")
+        if not tally.checks:
+            print("  (no self-check ran)")
+            rc = rc or 1
+    if a.cmd == "gate" and not self_check and not _gate_preflight(rig, slots, out):
         rc = rc or 1
     print(f"hil {a.cmd}: {'PASS' if rc == 0 else 'FAIL'} ({len(slots)} carts on {rig.name}; {tally.summary()}); "
           f"reports in {out}")
@@ -81,6 +95,7 @@ class Tally:
     """What a run's JUnit XML says: scenarios per cart and how each ended."""
 
     per_cart: dict[str, int] = dataclasses.field(default_factory=dict)
+    checks: list[tuple[str, str, bool, str]] = dataclasses.field(default_factory=list)  # build, cart, caught, why
     passed: int = 0
     failed: int = 0
     skipped: list[str] = dataclasses.field(default_factory=list)
@@ -97,6 +112,11 @@ class Tally:
             return (f"{len(self.skipped)} scenario(s) skipped — a skipped scenario is not a pass: "
                     f"{', '.join(self.skipped[:3])}{more}")
         return None
+
+    def self_check_lines(self) -> list[str]:
+        """One line per seeded fault build and cart: caught (and the reason the gate gave) or MISSED."""
+        return [f"{'caught' if ok else 'MISSED'}  {build:28s} {cart:10s} {why}"
+                for build, cart, ok, why in sorted(self.checks)]
 
     def summary(self) -> str:
         carts = ", ".join(f"{c} {n}" for c, n in sorted(self.per_cart.items()))
@@ -120,14 +140,18 @@ def junit_tally(path: Path) -> Tally:
         if name in seen:
             continue
         seen.add(name)
-        prop = case.find("properties/property[@name='cart']")  # the plugin's user property
-        cart = prop.get("value") if prop is not None else None
+        props = {p.get("name"): p.get("value", "") for p in case.iterfind("properties/property")}
+        cart = props.get("cart")  # the plugin's user properties
+        bad = case.find("failure") if case.find("failure") is not None else case.find("error")
         if case.find("skipped") is not None:
             tally.skipped.append(case.get("name", name))
-        elif case.find("failure") is not None or case.find("error") is not None:
+        elif bad is not None:
             tally.failed += 1
         else:
             tally.passed += 1
+        if "fault_build" in props and case.find("skipped") is None:
+            why = props.get("caught", "") if bad is None else ((bad.get("message") or "").splitlines() or [""])[0][:300]
+            tally.checks.append((props["fault_build"], cart or "-", bad is None, why))
         if cart:
             tally.per_cart[cart] = tally.per_cart.get(cart, 0) + 1
     return tally
@@ -232,6 +256,14 @@ def main(argv: list[str] | None = None) -> int:
                        help=f"power-cut sweep: reduced (every 5th event, every write of boot control, device state "
                             f"or trust store, 2 random cuts) "
                             f"or full (every event, 10 random cuts); default {sweep}")
+        if name == "gate":
+            mode = s.add_mutually_exclusive_group()
+            mode.add_argument("--self-check", action="store_true",
+                              help="check the gate itself: run it against each seeded fault build and print "
+                                   "caught / missed per build with the reason the gate gave (not the release's "
+                                   "scenarios)")
+            mode.add_argument("--nightly", action="store_true",
+                              help="everything: the release's scenarios with the full sweep, and the self-check")
         s.add_argument("pytest_args", nargs=argparse.REMAINDER)
         s.set_defaults(fn=cmd_smoke)
 

@@ -49,8 +49,10 @@ def _is_worker(config: pytest.Config) -> bool:
 @pytest.hookimpl(tryfirst=True)
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "xdist_group(name): keep tests of one cart on one worker")
-    config.addinivalue_line("markers", "hil_one_per_revision: run on the first selected cart of each hardware "
-                                       "revision only (checks of the gate itself, e.g. a seeded fault build is caught)")
+    config.addinivalue_line("markers", "hil_self_check(build): a check of the gate itself — the seeded fault build "
+                                       "`build` must be caught (for its own reason). Runs on the first selected cart "
+                                       "of each hardware revision; `hil gate --self-check` runs these alone, the "
+                                       "per-release gate leaves them out")
     root = Path(config.rootpath)
     rig_opt = config.getoption("--rig")
     rig_path = Path(rig_opt) if rig_opt else root / DEFAULT_RIG
@@ -252,7 +254,7 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     except ConfigError as exc:  # ended once collection is done (an exit in here is just a collection error)
         st.unusable = st.unusable or str(exc)
         slots = []
-    if metafunc.definition.get_closest_marker("hil_one_per_revision") is not None:
+    if metafunc.definition.get_closest_marker("hil_self_check") is not None:
         # a check of the gate (a fault build must be caught) depends on the firmware, not on the sensor set:
         # one cart per hardware revision is enough, and the release's own tests still run on every cart
         firsts: dict[str, object] = {}
@@ -372,6 +374,24 @@ def ota(cart, fleet, firmware_builds, lab_pki, rig: Rig):
                     pytrace=False)
 
 
+class SelfCheck:
+    """What a self-check of the gate records: the reason the gate gave when it caught the fault build."""
+
+    def __init__(self, node: pytest.Item):
+        self.node = node
+
+    def caught(self, reason: object) -> None:
+        line = (str(reason).splitlines() or [""])[0][:300]
+        self.node.user_properties.append(("caught", line))
+
+
+@pytest.fixture
+def self_check(request: pytest.FixtureRequest) -> SelfCheck:
+    """`self_check.caught(exc)`: the reason the gate gave for a seeded fault build (its first line goes to
+    the JUnit XML, where `hil gate --self-check` reads it)."""
+    return SelfCheck(request.node)
+
+
 @pytest.fixture
 def factory_reset(ota, cart, fleet):
     """The cart as shipped after the test, whatever it did: factory firmware in slot A, the factory trust
@@ -466,3 +486,6 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
     cs = getattr(item, "callspec", None)
     if cs is not None and "cart" in cs.params:
         item.user_properties.append(("cart", cs.params["cart"]))
+    check = item.get_closest_marker("hil_self_check")
+    if check is not None and check.args:
+        item.user_properties.append(("fault_build", str(check.args[0])))

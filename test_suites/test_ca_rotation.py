@@ -131,10 +131,11 @@ def test_bad_ca_bundle_is_rejected_and_the_store_is_untouched(cart, ota, defect,
     ota.deliver_trust(ota.trust_bundle([NEW], **defect)).expect_rejected(reason)
 
 
-@pytest.mark.hil_one_per_revision
-def test_fault_build_dropping_the_old_ca_at_once_is_caught(cart, ota, fleet, factory_reset):
+@pytest.mark.hil_self_check("drop_old_ca")
+def test_fault_build_dropping_the_old_ca_at_once_is_caught(cart, ota, fleet, factory_reset, self_check):
     running = bump(cart.power_on().version, patch=1)
     ota.update(ota.image(running, faults={"drop_old_ca": True})).expect_confirmed()
     before = store_names(cart)
-    with pytest.raises(AssertionError, match=re.escape(f"expected {sorted([*before, NEW])}")):
+    with pytest.raises(AssertionError, match=re.escape(f"expected {sorted([*before, NEW])}")) as caught:
         rotate(cart, ota, fleet)
+    self_check.caught(caught.value)

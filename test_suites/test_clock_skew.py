@@ -211,7 +211,7 @@ def test_wall_clock_jump_in_the_trial_window_does_not_move_the_mark_good_deadlin
 
 # ---------------------------------------------------------------- the seeded fault builds these checks exist for
 
-# They test the gate, not the release: run on one cart per hardware revision (plugin marker).
+# They test the gate, not the release: `hil gate --self-check` runs them, on one cart per hardware revision.
 
 
 def install(ota, cart, faults: dict) -> str:
@@ -221,19 +221,22 @@ def install(ota, cart, faults: dict) -> str:
     return target
 
 
-@pytest.mark.hil_one_per_revision
-def test_fault_build_validating_against_its_own_clock_is_caught(cart, ota, own_clock, factory_reset):
+@pytest.mark.hil_self_check("local_clock")
+def test_fault_build_validating_against_its_own_clock_is_caught(cart, ota, own_clock, factory_reset, self_check):
     """Near-miss 1 itself: the fault build checks the signed window against its RTC, 12 h behind."""
     running = install(ota, cart, {"local_clock": True})
     cart.skew_clock(-12 * HOUR)
     out = ota.update(ota.image(bump(running, patch=1)))
-    with pytest.raises(OtaError, match="expected the update to be confirmed, got rejected"):
+    with pytest.raises(OtaError, match="expected the update to be confirmed, got rejected") as caught:
         out.expect_confirmed()
     assert out.reason == "not yet valid", out.describe()
+    self_check.caught(f"{caught.value} ({out.reason})")
 
 
-@pytest.mark.hil_one_per_revision
-def test_fault_build_accepting_a_time_answer_for_another_nonce_is_caught(cart, ota, fleet, factory_reset):
+@pytest.mark.hil_self_check("ignore_nonce")
+def test_fault_build_accepting_a_time_answer_for_another_nonce_is_caught(cart, ota, fleet, factory_reset,
+                                                                         self_check):
     install(ota, cart, {"ignore_nonce": True})
-    with pytest.raises(AssertionError, match="gave ok"):
+    with pytest.raises(AssertionError, match="gave ok") as caught:
         check_bad_answer_rejected(cart, fleet, "replay", 0, "nonce mismatch")
+    self_check.caught(caught.value)

@@ -62,11 +62,15 @@ def test_flash_fault_fails_the_update_then_the_cart_recovers(cart, ota, flash_fa
     ota.update(image).expect_confirmed()
 
 
-def test_gate_catches_firmware_that_writes_the_running_slot_when_an_erase_fails(cart, ota, flash_faults):
+@pytest.mark.hil_self_check("write_running_on_erase_fail")
+def test_gate_catches_firmware_that_writes_the_running_slot_when_an_erase_fails(cart, ota, factory_reset, flash_faults,
+                                                                              self_check):
     """The erase-fail check proven able to fail: the fault build reports the same FAILED reason as the
-    reference, but wrote the image over the slot it runs from. Only that slot's hash tells."""
+    reference, but wrote the image over the slot it runs from. Only that slot's hash tells. (`factory_reset`
+    comes before `flash_faults`: the faults are cleared before the recovery erases and writes.)"""
     defect = bump(cart.power_on().version, patch=1)
     ota.update(ota.image(defect, faults={"write_running_on_erase_fail": True})).expect_confirmed()
     cart.power_off()  # the fault build now runs; the erase-fail update starts from its fresh boot
-    with pytest.raises(OtaError, match=r"the running slot [AB] was written: its sha256 went "):
+    with pytest.raises(OtaError, match=r"the running slot [AB] was written: its sha256 went ") as caught:
         update_against_flash_fault(cart, ota, flash_faults, *ERASE_FAILS)
+    self_check.caught(caught.value)

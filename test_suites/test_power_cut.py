@@ -44,8 +44,9 @@ def test_every_cut_leaves_the_cart_safe(cart, ota, fleet, request):
     assert not report.failures(), report.summary() + "\n" + "\n".join(report.failures())
 
 
+@pytest.mark.hil_self_check("bcb_single_copy")
 @pytest.mark.parametrize(("faults", "cause", "event"), SEEDED_FAULTS)
-def test_seeded_fault_build_fails_the_sweep_at_its_event(cart, ota, fleet, request, faults, cause, event):
+def test_seeded_fault_build_fails_the_sweep_at_its_event(cart, ota, fleet, request, faults, cause, event, self_check):
     sweep = PowerCutSweep(cart, ota, fleet, faults=faults, label="+".join(faults))
     report = sweep.catch_fault_build()
     publish(report, request)
@@ -53,5 +54,6 @@ def test_seeded_fault_build_fails_the_sweep_at_its_event(cart, ota, fleet, reque
     assert caught, f"the sweep did not catch the fault build {faults}:\n{report.table()}"
     line = caught[0].line()
     assert re.search(cause, line) and re.search(rf"cut at {event}\S*#\d+", line), line
+    self_check.caught(line)
     # leave the cart on a reference release (the fault build would weaken every later test's boot control)
     ota.update(ota.image(bump(cart.version(), patch=1))).expect_confirmed()

@@ -84,8 +84,8 @@ def test_plain_power_cycle_never_raises_the_metric(cart, fleet):
     assert status.pending is None and status.confirmed
 
 
-@pytest.mark.hil_one_per_revision
-def test_crash_loop_after_mark_good_fails_at_once_naming_it(cart, ota, factory_reset):
+@pytest.mark.hil_self_check("crash_after_confirm")
+def test_crash_loop_after_mark_good_fails_at_once_naming_it(cart, ota, factory_reset, self_check):
     """A release that confirms itself, then crashes at every boot: no A/B rollback saves the cart, the job
     says SUCCEEDED. The update must fail at once, its first line naming the crash loop (not a timeout
     waiting for a ready line that never comes)."""
@@ -96,3 +96,4 @@ def test_crash_loop_after_mark_good_fails_at_once_naming_it(cart, ota, factory_r
     first = str(failed.value).splitlines()[0]
     assert re.match(rf"{cart.id}: crash loop: crashed [3-9] times in [\d.]+ s \(booting fw {re.escape(target)}; "
                     r"last: RuntimeError: fault build: crash after confirm\)", first), first
+    self_check.caught(first)

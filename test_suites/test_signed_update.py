@@ -251,12 +251,13 @@ def test_a_rejected_or_rolled_back_image_never_raises_the_security_counter(cart,
     assert cart.device_state().counter == counter, f"{cart.id}: the counter moved without a confirmed image"
 
 
-@pytest.mark.hil_one_per_revision
-def test_fault_build_ignoring_the_security_counter_is_caught(cart, ota, factory_reset):
+@pytest.mark.hil_self_check("ignore_security_counter")
+def test_fault_build_ignoring_the_security_counter_is_caught(cart, ota, factory_reset, self_check):
     running = bump(cart.power_on().version, patch=1)
     counter = cart.device_state().counter
     ota.update(ota.image(running, security_counter=counter + 1,
                          faults={"ignore_security_counter": True})).expect_confirmed()
     out = ota.update(ota.image(bump(running, patch=1), security_counter=counter))
-    with pytest.raises(OtaError, match="expected the update to be rejected"):
+    with pytest.raises(OtaError, match="expected the update to be rejected") as caught:
         out.expect_rejected("security counter")
+    self_check.caught(caught.value)

@@ -32,6 +32,19 @@ SUITE = textwrap.dedent('''
 
     def test_teardown_error(breaks_after):
         pass
+
+    @pytest.fixture
+    def build(request):
+        request.node.user_properties.append(("fault_build", request.param))
+        return request.param
+
+    @pytest.mark.parametrize("build", ["caught_build"], indirect=True)
+    def test_self_check_caught(build, record_property):
+        record_property("caught", "cart-01: crash loop: crashed 3 times")
+
+    @pytest.mark.parametrize("build", ["missed_build"], indirect=True)
+    def test_self_check_missed(build):
+        assert False, "the fault build went through: confirmed"
 ''')
 
 
@@ -45,7 +58,7 @@ def junit(tmp_path, *args):
 
 
 def test_a_skip_is_no_pass_and_a_teardown_error_is_one_failure(tmp_path):
-    tally = junit(tmp_path)
+    tally = junit(tmp_path, "-k", "not self_check")
     assert (tally.passed, tally.failed, tally.skipped) == (2, 1, ["test_skips[cart-01]"])
     assert tally.per_cart == {"cart-01": 2, "cart-02": 1}
     assert tally.unearned().startswith("1 scenario(s) skipped — a skipped scenario is not a pass")
@@ -55,6 +68,13 @@ def test_a_skip_is_no_pass_and_a_teardown_error_is_one_failure(tmp_path):
 def test_a_selection_that_runs_nothing_is_no_verdict(tmp_path):
     assert junit(tmp_path, "-k", "no_such_test").unearned() == \
         "nothing ran (no scenario matched the selection): no verdict"
+
+
+def test_self_check_lines_say_caught_with_the_gates_reason_or_missed(tmp_path):
+    lines = junit(tmp_path, "-k", "self_check").self_check_lines()
+    assert len(lines) == 2
+    assert lines[0].split()[:2] == ["caught", "caught_build"] and "crash loop: crashed 3 times" in lines[0]
+    assert lines[1].split()[:2] == ["MISSED", "missed_build"] and "the fault build went through" in lines[1]
 
 
 def test_all_passed_is_earned(tmp_path):
