@@ -31,10 +31,32 @@ ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_RIG = ROOT / "rigs" / "virtual.yaml"
 
 
+INTERRUPTED = 130  # the shell's status for a run ended by Ctrl-C (128 + SIGINT)
+WRAP_UP_S = 120.0   # how long an interrupted pytest may take to end its tests and write its reports
+
+
 def _pytest(args: list[str]) -> int:
+    """Run pytest; its exit status. Ctrl-C reaches pytest too (same process group): it ends the test in
+    progress, writes what it has (JUnit XML, results.jsonl) and stops the rack it started. Here we wait
+    for that, without a traceback, and a second Ctrl-C (or WRAP_UP_S) ends it for good."""
     cmd = [sys.executable, "-m", "pytest", *args]
     print("+", " ".join(cmd), flush=True)
-    return subprocess.call(cmd, cwd=ROOT)
+    proc = subprocess.Popen(cmd, cwd=ROOT)
+    try:
+        return proc.wait()
+    except KeyboardInterrupt:
+        print("\nhil: interrupted — letting the run write its reports and power the rack down "
+              "(Ctrl-C again to stop at once)", file=sys.stderr, flush=True)
+        try:
+            proc.wait(timeout=WRAP_UP_S)
+        except (KeyboardInterrupt, subprocess.TimeoutExpired):
+            proc.terminate()
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        return INTERRUPTED
 
 
 SUITES = {
@@ -72,6 +94,10 @@ def cmd_smoke(a: argparse.Namespace) -> int:
         args += ["--tag", t]
     rc = _pytest(args + a.pytest_args)
     tally = junit_tally(out / "junit.xml")
+    if rc == INTERRUPTED:
+        so_far = "no JUnit XML written" if tally.missing else f"{tally.summary()} so far"
+        print(f"hil {a.cmd}: INTERRUPTED — no verdict ({so_far}); reports in {out}")
+        return rc
     unearned = tally.unearned()
     if unearned:  # a selection that ran nothing, or skipped a scenario, has not shown anything passes
         print(f"hil {a.cmd}: {unearned}")

@@ -84,3 +84,36 @@ def test_all_passed_is_earned(tmp_path):
 
 def test_no_junit_xml_is_no_verdict(tmp_path):
     assert junit_tally(tmp_path / "missing.xml").unearned() == "no JUnit XML was written: no verdict"
+
+
+def test_ctrl_c_ends_the_run_with_its_reports_one_line_and_nothing_left(rig_factory, tmp_path):
+    """Ctrl-C at a terminal reaches `hil` and pytest alike (one process group): the run stops, writes its
+    JUnit XML, powers its rack down, and `hil` says INTERRUPTED in one line, exit 130, no traceback."""
+    import os
+    import re
+    import signal
+    import time
+    from pathlib import Path
+
+    run = tmp_path / "run"
+    virtual = {"run_dir": str(run), "flash_time_scale": 0.05, "pki": str(tmp_path / "pki")}
+    rig = rig_factory(["cart-01"], virtual=virtual,
+                      firmware={"build": ["{python}", "-m", "vrack", "build", "--version", "{version}", "-o", "{out}",
+                                          "{faults}"]})
+    proc = subprocess.Popen([sys.executable, "-m", "harness.cli", "sweep", "--rig", str(rig), "-n", "1"],
+                            cwd=Path(__file__).resolve().parent.parent, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    deadline = time.monotonic() + 60
+    while not list(run.glob("logs/*")):  # the rack has powered a cart on: the sweep has begun
+        assert time.monotonic() < deadline and proc.poll() is None, "the sweep never reached a cart"
+        time.sleep(0.2)
+    time.sleep(3.0)  # well inside the sweep (a minute or more on one cart)
+    os.killpg(proc.pid, signal.SIGINT)
+    out, err = proc.communicate(timeout=150)
+    assert proc.returncode == 130, (proc.returncode, out[-2000:], err[-2000:])
+    assert "Traceback" not in err, err[-3000:]
+    line = next(x for x in out.splitlines() if x.startswith("hil sweep: INTERRUPTED — no verdict"))
+    reports = Path(re.search(r"reports in (\S+)$", line).group(1))
+    assert (reports / "junit.xml").exists(), line
+    left = subprocess.run(["pgrep", "-f", str(run)], capture_output=True, text=True).stdout.split()
+    assert not left, f"processes of the interrupted run still running: {left}"

@@ -270,6 +270,29 @@ def test_siglent_lost_output_command_is_sent_again(tmp_path):
     assert link.log == ["OUTP CH1,ON", "SYST:STAT?", "OUTP CH1,ON", "SYST:STAT?"]
 
 
+def test_siglent_setting_lost_by_the_instrument_is_sent_again(tmp_path):
+    """-363 "command lost" is not a refusal: the setting never ran (it came too soon after another
+    process's command), so it is sent again; a refusal in the same queue still raises."""
+    queue = iter(['-363,"Input buffer overrun; command lost: CH1:VOLT 12.000"', '+0,"No error"', '+0,"No error"'])
+    supply, link = make("siglent-spd", tmp_path, lambda command: next(queue))
+    supply.set_voltage(1, 12)
+    assert link.log == ["CH1:VOLT 12.000", "SYST:ERR?", "SYST:ERR?", "CH1:VOLT 12.000", "SYST:ERR?"]
+
+
+def test_siglent_another_sequences_lost_command_is_not_blamed_on_this_setting(tmp_path):
+    queue = iter(['-363,"Input buffer overrun; command lost: SYST:STAT?"', '+0,"No error"'])
+    supply, link = make("siglent-spd", tmp_path, lambda command: next(queue))
+    supply.set_voltage(1, 12)  # someone else's status query was lost: theirs to notice and resend
+    assert link.log == ["CH1:VOLT 12.000", "SYST:ERR?", "SYST:ERR?"]
+
+
+def test_siglent_setting_lost_every_time_is_an_error(tmp_path):
+    lost = '-363,"Input buffer overrun; command lost: CH1:VOLT 12.000"'
+    supply, link = make("siglent-spd", tmp_path, lambda c: lost if link.log.count("SYST:ERR?") % 2 else '+0,"No error"')
+    with pytest.raises(SupplyError, match=r"lost by the instrument \d+ time\(s\)"):
+        supply.set_voltage(1, 12)
+
+
 @pytest.mark.parametrize(("reply", "state"), [("ON", True), ("OFF", False), ("on", True)])
 def test_rigol_on_off(tmp_path, reply, state):
     supply, _ = make("rigol-dp800", tmp_path, {":OUTP? CH1": reply})

@@ -598,6 +598,26 @@ class ScpiSupply:
         m = _ERROR_ENTRY.fullmatch(reply)
         return (int(m.group(1)), m.group(2).strip().strip('"').strip()) if m else None
 
+    def lost_command(self, entry: str) -> str | None:
+        """The command an error-queue entry says the instrument lost unexecuted (not refused), or None.
+        Only instruments that drop commands sent too fast (the SPD3303X) say so."""
+        return None
+
+    def _drain_errors(self, reply: str) -> list[str]:
+        """The error queue, from the reply to the first error query, read until it says no error."""
+        found: list[str] = []
+        while True:
+            parsed = self.parse_error(reply)
+            if parsed is None:
+                raise self._bad_reply(self.ERROR_QUERY, reply, "an error code and message")
+            if parsed[0] == 0:
+                return found
+            found.append(self.describe_error(reply))
+            if len(found) >= self.MAX_ERRORS:
+                found.append(f"(the queue still held errors after {self.MAX_ERRORS} reads)")
+                return found
+            reply = self.query(self.ERROR_QUERY)
+
     def describe_error(self, reply: str) -> str:
         """An error entry as the message shows it: SCPI's own text, as the instrument said it."""
         return reply.strip()
@@ -610,19 +630,16 @@ class ScpiSupply:
             raise SupplyError(f"supply {self.name} ({self.resource}): {self.dialect} driver has no such command")
         commands = [c.format(ch=ch, value=value) for c in template]
         with self._lock:  # the queue is the instrument's: no other sequence may read our error or add its own
-            reply = self.transact([*commands, self.ERROR_QUERY], confirm=False)[-1]
-            found: list[str] = []
-            while True:
-                parsed = self.parse_error(reply)
-                if parsed is None:
-                    raise self._bad_reply(self.ERROR_QUERY, reply, "an error code and message")
-                if parsed[0] == 0:
+            for _ in range(max(1, self.attempts)):
+                found = self._drain_errors(self.transact([*commands, self.ERROR_QUERY], confirm=False)[-1])
+                # a command the instrument lost (too soon after another: it was busy) was not refused: ours
+                # is sent again; one of another sequence's is that sequence's to notice (its own check)
+                ours = [e for e in found if self.lost_command(e) in commands]
+                found = [e for e in found if self.lost_command(e) is None]
+                if found or not ours:
                     break
-                found.append(self.describe_error(reply))
-                if len(found) >= self.MAX_ERRORS:
-                    found.append(f"(the queue still held errors after {self.MAX_ERRORS} reads)")
-                    break
-                reply = self.query(self.ERROR_QUERY)
+            else:
+                found = [f"lost by the instrument {max(1, self.attempts)} time(s): {ours[-1]}"]
         if found:
             model = f"{self.model} at " if self.model else ""
             raise SupplyError(

@@ -11,12 +11,16 @@ word (bit 4: CH1 on, bit 5: CH2 on; CH3 has no bit), which is also the confirmat
 
 from __future__ import annotations
 
+import re
+
 from .base import ScpiSupply, SupplyError
 
 #: The instrument's own need (physics) plus 2 ms for delivery jitter between our clock and its.
 COMMAND_INTERVAL_S = 0.020 + 0.002
 
 STATUS_OUTPUT_BIT = {1: 0x0010, 2: 0x0020}
+#: what the queue says of a command that came too soon: lost, never executed (so it can be sent again)
+_LOST = re.compile(r'-363\s*,\s*"Input buffer overrun; command lost: (.*)"')
 
 
 class SiglentSpd(ScpiSupply):
@@ -34,6 +38,10 @@ class SiglentSpd(ScpiSupply):
     CURRENT_LIMIT_SETPOINT = ("CH{ch}:CURR?",)
     MEASURE_VOLTAGE = ("MEAS:VOLT? CH{ch}",)
     MEASURE_CURRENT = ("MEAS:CURR? CH{ch}",)
+
+    def lost_command(self, entry: str) -> str | None:
+        m = _LOST.fullmatch(entry.strip())
+        return m.group(1).strip() if m else None
 
     def confirmed(self, reply: str) -> bool:
         try:
