@@ -664,27 +664,38 @@ class _DoorLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep=deep)
 
 
-def _read_yaml(path: Path) -> Any:
-    """The YAML of a regular UTF-8 file of at most MAX_FILE_BYTES; ConfigError (one line) otherwise."""
+def read_regular_file(path: Path, limit: int, what: str, error: type[ConfigError] | None = None, *,
+                      limit_text: str | None = None) -> bytes:
+    """The bytes of a regular file of at most `limit` bytes (`what` it is, for the refusal); opened without
+    blocking (a FIFO is refused, not waited on) and read once, so a file growing meanwhile is still bounded.
+    `error` (a ConfigError subclass) carries the one-line refusal."""
+    error = error or ConfigError
+    limit_text = limit_text or f"{limit} bytes"
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
     except OSError as exc:
-        raise ConfigError(f"{path}: cannot read: {exc.strerror or exc}") from None
+        raise error(f"{path}: cannot read: {exc.strerror or exc}") from None
     try:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
-            raise ConfigError(f"{path}: cannot read: not a regular file")
-        if st.st_size > MAX_FILE_BYTES:
-            raise ConfigError(f"{path}: {st.st_size} bytes; a configuration file is at most "
-                              f"{MAX_FILE_BYTES} bytes (1 MiB)")
+            raise error(f"{path}: cannot read: not a regular file")
+        if st.st_size > limit:
+            raise error(f"{path}: {st.st_size} bytes; {what} is at most {limit_text}")
         with os.fdopen(os.dup(fd), "rb") as f:
-            raw = f.read(MAX_FILE_BYTES + 1)
+            raw = f.read(limit + 1)
     except OSError as exc:
-        raise ConfigError(f"{path}: cannot read: {exc.strerror or exc}") from None
+        raise error(f"{path}: cannot read: {exc.strerror or exc}") from None
     finally:
         os.close(fd)
-    if len(raw) > MAX_FILE_BYTES:
-        raise ConfigError(f"{path}: more than {MAX_FILE_BYTES} bytes; a configuration file is at most 1 MiB")
+    if len(raw) > limit:
+        raise error(f"{path}: more than {limit} bytes; {what} is at most {limit_text}")
+    return raw
+
+
+def _read_yaml(path: Path) -> Any:
+    """The YAML of a regular UTF-8 file of at most MAX_FILE_BYTES; ConfigError (one line) otherwise."""
+    raw = read_regular_file(path, MAX_FILE_BYTES, "a configuration file",
+                            limit_text=f"{MAX_FILE_BYTES} bytes (1 MiB)")
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:

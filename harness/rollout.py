@@ -24,15 +24,13 @@ the inventory cannot be read (one line).
 
 from __future__ import annotations
 
-import os
-import stat
 import sys
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
 from harness import image as himage
-from harness.config import MAX_SLOT_SIZE, ConfigError, Rig, _read_mapping, load_cart, load_inventory
+from harness.config import MAX_SLOT_SIZE, ConfigError, Rig, _read_mapping, load_cart, load_inventory, read_regular_file
 
 MAX_IMAGE_BYTES = MAX_SLOT_SIZE  # an image fills at most one slot
 
@@ -98,23 +96,8 @@ class RolloutVerdict:
 
 
 def read_image(path: Path) -> bytes:
-    """A regular file of at most MAX_IMAGE_BYTES."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
-    except OSError as exc:
-        raise RolloutInputError(f"{path}: cannot read: {exc.strerror or exc}") from None
-    try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise RolloutInputError(f"{path}: cannot read: not a regular file")
-        if st.st_size > MAX_IMAGE_BYTES:
-            raise RolloutInputError(f"{path}: {st.st_size} bytes, more than a slot ({MAX_IMAGE_BYTES})")
-        with os.fdopen(os.dup(fd), "rb") as f:
-            return f.read(MAX_IMAGE_BYTES + 1)
-    except OSError as exc:
-        raise RolloutInputError(f"{path}: cannot read: {exc.strerror or exc}") from None
-    finally:
-        os.close(fd)
+    """A regular file of at most MAX_IMAGE_BYTES (a slot)."""
+    return read_regular_file(path, MAX_IMAGE_BYTES, "an image (one slot)", RolloutInputError)
 
 
 def release_of(data: bytes, source: str = "image") -> Release:
