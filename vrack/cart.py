@@ -100,10 +100,6 @@ class Console:
                 break
             data = data[n:]
         self.dropped += len(data)
-        # A UART shifts its bytes out while the CPU goes on. A pty hands them to the reader through a
-        # kernel worker on this CPU, which a firmware busy right after its line (a self-test hashing its
-        # slot) would hold off for a scheduler slice (~1-3 ms): step aside once so the line leaves now.
-        os.sched_yield()
 
     def write_line(self, text: str) -> None:
         self.write(text + "\r\n")
