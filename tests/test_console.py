@@ -468,7 +468,10 @@ def test_lost_port_is_reopened_and_expect_keeps_waiting(tmp_path, make_console):
             p.write(f"tick {i}\r\n")
             i += 1
 
-    first.close()                                    # adapter unplugged: the port errors
+    os.unlink(link)                                  # adapter unplugged: udev removes its by-id link,
+    first.close()                                    # the port errors (its pts number is free for others:
+                                                     # a link left dangling would let the console open
+                                                     # another test's pty, as a parallel CI run showed)
     talker = threading.Thread(target=replug_and_talk)
     talker.start()
     try:
