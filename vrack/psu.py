@@ -5,6 +5,15 @@ queue, one "selected channel" shared by every connection (that is why two harnes
 sharing a real multi-channel supply need a lock around select-then-command). The harness
 opens it as ``TCPIP0::127.0.0.1::PORT::SOCKET``; commands and replies end with ``\\n``.
 
+Like the real instrument it has ONE input queue: a single thread reads all its connections and
+executes their lines one at a time in the order they reached it, each reply going to the
+connection that asked (a thread per connection ran them in whatever order the threads got the
+CPU: a worker's ``OUTP:SEL?`` could read the channel another worker had selected after it). A
+line's arrival is the kernel's stamp (SO_TIMESTAMPNS) of the read that completed it; the lines of
+one read keep their order. Segments that queue on one connection while the instrument is busy
+are merged by the kernel and carry the last one's stamp: the earlier lines may then run after
+another connection's line that came between them, never before a line that came earlier.
+
 Dialects follow the vendors' programming manuals closely enough for the harness drivers to
 be the same code that runs against the real instruments:
 
@@ -34,6 +43,7 @@ import logging
 import math
 import random
 import re
+import selectors
 import socket
 import struct
 import sys
@@ -43,7 +53,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TextIO
+from typing import NamedTuple, TextIO
 
 log = logging.getLogger(__name__)
 
@@ -125,12 +135,28 @@ class _Channel:
     enabled: bool = False  # the channel's own output switch (OUTP, OUTP:SEL, OUTP:CHAN, OPn)
 
 
+@dataclass
+class _Connection:
+    id: int
+    sock: socket.socket
+    stamped: bool  # the kernel stamps what arrives on it (SO_TIMESTAMPNS)
+    partial: bytes = b""  # the start of a line not yet complete
+
+
+class _Line(NamedTuple):
+    arrived_ns: int  # CLOCK_REALTIME, the kernel's stamp of the read that completed the line
+    mono_ns: int  # the same moment on CLOCK_MONOTONIC (the RX log's clock)
+    conn: _Connection
+    text: str
+
+
 class EmulatedSupply:
     """A programmable multi-channel bench supply answering its vendor's dialect over TCP.
 
     ``on_output(ch, on)`` is called for every change of a channel's delivered power (channel
-    switch and master switch together), in the connection thread, with the instrument's state
-    lock held and before the command's reply is sent: keep it short (start or kill a process).
+    switch and master switch together), in the instrument's thread, with its state lock held and
+    before the command's reply is sent: keep it short (start or kill a process), no other line of
+    any connection runs meanwhile.
     ``draw(ch)`` gives the amps the load would draw now; the supply reports min(draw, limit).
     """
 
@@ -170,8 +196,8 @@ class EmulatedSupply:
         self._state = threading.RLock()  # held while a command executes, callbacks included
         self._rng = random.Random(f"{name}/{serial}")
         self._listener: socket.socket | None = None
-        self._conns: dict[int, socket.socket] = {}
-        self._threads: list[threading.Thread] = []
+        self._conns: dict[int, socket.socket] = {}  # open connections by id (the instrument's thread keeps it)
+        self._thread: threading.Thread | None = None
         self._next_conn = 0
         self._hung = False
         self._reset_state()
@@ -193,31 +219,22 @@ class EmulatedSupply:
             raise OSError(
                 exc.errno, f"supply {self.name}: cannot listen on {self.host}:{self.port}: {exc.strerror}"
             ) from exc
+        listener.setblocking(False)
         self.port = listener.getsockname()[1]
         self._listener = listener
-        thread = threading.Thread(target=self._accept_loop, args=(listener,), daemon=True,
-                                  name=f"psu-{self.name}-accept")
-        self._threads = [thread]
-        thread.start()
+        self._thread = threading.Thread(target=self._serve, args=(listener,), daemon=True, name=f"psu-{self.name}")
+        self._thread.start()
 
     def stop(self) -> None:
         """Close the listener and every connection. Outputs stay as they are; on_output is not called."""
         listener, self._listener = self._listener, None
-        if listener is not None:
-            with contextlib.suppress(OSError):
-                listener.shutdown(socket.SHUT_RDWR)
-            listener.close()
-        with self._state:
-            conns = list(self._conns.values())
-            self._conns.clear()
-        for conn in conns:
-            with contextlib.suppress(OSError):
-                conn.shutdown(socket.SHUT_RDWR)
-            conn.close()
-        for thread in list(self._threads):
-            if thread is not threading.current_thread():
-                thread.join(timeout=2.0)
-        self._threads = []
+        if listener is None:
+            return
+        with contextlib.suppress(OSError):
+            listener.shutdown(socket.SHUT_RDWR)  # wakes the instrument's thread, which closes everything
+        thread, self._thread = self._thread, None
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(timeout=2.0)
 
     def hang(self) -> None:
         """Fault injection: keep connections, read everything, execute and answer nothing."""
@@ -245,57 +262,100 @@ class EmulatedSupply:
         return f"TCPIP0::{self.host}::{self.port}::SOCKET"
 
     # ------------------------------------------------------------------- network
-    def _accept_loop(self, listener: socket.socket) -> None:
-        while True:
-            try:
-                conn, _ = listener.accept()
-            except OSError:
-                return  # listener closed by stop()
-            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            with self._state:
-                if self._listener is not listener:
-                    conn.close()
-                    return
-                self._next_conn += 1
-                conn_id = self._next_conn
-                self._conns[conn_id] = conn
-            thread = threading.Thread(target=self._serve, args=(conn_id, conn), daemon=True,
-                                      name=f"psu-{self.name}-conn{conn_id}")
-            self._threads.append(thread)
-            thread.start()
-
-    def _serve(self, conn_id: int, conn: socket.socket) -> None:
-        stamped = _enable_rx_timestamps(conn)
-        buf = b""
+    def _serve(self, listener: socket.socket) -> None:
+        """The instrument's one input queue: read every connection, run every line in arrival order."""
+        sel = selectors.DefaultSelector()
+        sel.register(listener, selectors.EVENT_READ)
         try:
-            while True:
-                if stamped:
-                    data, ancdata, _, _ = conn.recvmsg(4096, _CMSG_SPACE)
-                    arrived_ns = _rx_timestamp_ns(ancdata)
-                else:
-                    data, arrived_ns = conn.recv(4096), None
-                if not data:
-                    return
-                if arrived_ns is None:
-                    arrived_ns = time.clock_gettime_ns(time.CLOCK_REALTIME)
-                buf += data
-                rx_log = self.rx_log
-                if rx_log is not None:  # the kernel's arrival stamp, on CLOCK_MONOTONIC
-                    arrived_mono_ns = arrived_ns - (time.clock_gettime_ns(time.CLOCK_REALTIME) - time.monotonic_ns())
-                while b"\n" in buf:
-                    raw, buf = buf.split(b"\n", 1)
-                    line = raw.decode("ascii", "replace").strip()
-                    reply = self._execute(conn_id, line, arrived_ns)
-                    if rx_log is not None:
-                        rx_log.write(arrived_mono_ns, self.name, line)
-                    if reply is not None:
-                        conn.sendall(reply.encode("ascii") + b"\n")
-        except OSError:
-            return
+            while (lines := self._receive(sel, listener)) is not None:
+                for line in lines:
+                    self._run(sel, line)
         finally:
+            for key in list(sel.get_map().values()):
+                key.fileobj.close()
+            sel.close()
             with self._state:
-                self._conns.pop(conn_id, None)
-            conn.close()
+                self._conns.clear()
+
+    def _receive(self, sel: selectors.BaseSelector, listener: socket.socket) -> list[_Line] | None:
+        """Wait for input, then read until no socket has more: every complete line, in arrival order.
+
+        Reading on until all is quiet keeps a line that arrived on one socket while this pass read
+        the others from being run after lines that came later. None once stop() shut the listener.
+        """
+        lines: list[_Line] = []
+        events = sel.select()
+        while events:
+            for key, _ in events:
+                if key.fileobj is listener:
+                    if not self._accept(sel, listener):
+                        return None
+                elif not self._read(key.data, lines):
+                    self._drop(sel, key.data)
+            events = sel.select(0)
+        lines.sort(key=lambda line: line.arrived_ns)  # stable: the lines of one read keep their order
+        return lines
+
+    def _accept(self, sel: selectors.BaseSelector, listener: socket.socket) -> bool:
+        try:
+            sock, _ = listener.accept()
+        except BlockingIOError:
+            return True  # the client gave up before it was taken
+        except OSError:
+            return False  # shut by stop()
+        sock.setblocking(True)  # read only when select says data is there; replies are sent whole
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self._next_conn += 1
+        conn = _Connection(self._next_conn, sock, _enable_rx_timestamps(sock))
+        with self._state:
+            self._conns[conn.id] = sock
+        sel.register(sock, selectors.EVENT_READ, conn)
+        return True
+
+    def _read(self, conn: _Connection, lines: list[_Line]) -> bool:
+        """One read from conn: its complete lines, stamped, onto lines. False when the peer has gone."""
+        try:
+            if conn.stamped:
+                data, ancdata, _, _ = conn.sock.recvmsg(4096, _CMSG_SPACE)
+                arrived_ns = _rx_timestamp_ns(ancdata)
+            else:
+                data, arrived_ns = conn.sock.recv(4096), None
+        except OSError:
+            return False
+        if not data:
+            return False
+        now_ns = time.clock_gettime_ns(time.CLOCK_REALTIME)
+        if arrived_ns is None:
+            arrived_ns = now_ns
+        mono_ns = arrived_ns - (now_ns - time.monotonic_ns())
+        *complete, conn.partial = (conn.partial + data).split(b"\n")
+        lines.extend(_Line(arrived_ns, mono_ns, conn, raw.decode("ascii", "replace").strip()) for raw in complete)
+        return True
+
+    def _drop(self, sel: selectors.BaseSelector, conn: _Connection) -> None:
+        """Forget a connection the peer closed or that broke; its lines already read still run."""
+        with self._state:
+            if self._conns.pop(conn.id, None) is None:
+                return
+        sel.unregister(conn.sock)
+        conn.sock.close()
+
+    def _run(self, sel: selectors.BaseSelector, line: _Line) -> None:
+        """Execute one line, log it with its arrival stamp, answer the connection that sent it."""
+        try:
+            reply = self._execute(line.conn.id, line.text, line.arrived_ns)
+        except Exception:  # an emulator bug or a failing draw(): that connection goes, not the instrument
+            log.exception("supply %s: line %r of connection %d failed; connection closed",
+                          self.name, line.text, line.conn.id)
+            self._drop(sel, line.conn)
+            return
+        if self.rx_log is not None:
+            self.rx_log.write(line.mono_ns, self.name, line.text)
+        if reply is not None:
+            try:
+                line.conn.sock.sendall(reply.encode("ascii") + b"\n")
+            except OSError:
+                self._drop(sel, line.conn)
 
     # ----------------------------------------------------------------- execution
     def _execute(self, conn_id: int, line: str, arrived_ns: int) -> str | None:
@@ -482,6 +542,8 @@ class EmulatedSupply:
                     first, last = int(lo), int(hi or lo)
                 except ValueError:
                     raise _ScpiError(-224, "Illegal parameter value") from None
+                if first > last:
+                    raise _ScpiError(-224, "Illegal parameter value")
                 chans.extend(range(first, last + 1))
             return [self._check_ch(ch) for ch in chans]
         m = re.fullmatch(r"(?:CH|OUT|OUTP)?(\d+)", text)
