@@ -10,7 +10,10 @@
     hil test [PYTEST ARGS]                                     lint + the project's own tests + the suites
     hil rig check RIG                                          validate a rig file and its carts
     hil rollout check IMAGE --fleet INVENTORY                  can every configuration take this signed image?
-    hil rack up [RIG]                                          run a virtual rig's rack in the foreground
+    hil rack up [RIG] [--foreground] | down [RIG] | status [RIG]   the rig's rack: start/stop a virtual one; outputs,
+                                                                 V/I per slot
+    hil console SLOT [--rig R]                                 a cart's console, interactive (Ctrl-] exits), logged
+    hil power SLOT on|off|cycle|measure [--rig R] [--off-s S]  a slot's supply output
     hil bench [--rig R] [--out FILE]                           latency and timing figures
     hil pki init|show [--dir D]                                the lab PKI (root CAs, signers)
 """
@@ -244,15 +247,6 @@ def cmd_rollout_check(a: argparse.Namespace) -> int:
     return check_command(a.image, a.fleet)
 
 
-def cmd_rack_up(a: argparse.Namespace) -> int:
-    rig = Rig.load(a.rig)
-    if rig.spec.virtual and rig.spec.virtual.pki:
-        from harness.pki import LabPki
-
-        LabPki(rig.resolve(rig.spec.virtual.pki)).init()
-    return subprocess.call([sys.executable, "-m", "vrack", "up", str(a.rig)], cwd=ROOT)
-
-
 def cmd_bench(a: argparse.Namespace) -> int:
     from harness.bench import run_bench, run_cut_bench, run_sweep_bench
 
@@ -313,12 +307,6 @@ def main(argv: list[str] | None = None) -> int:
                          "({configurations: [{id, hardware_revision, cas, security_counter}]})")
     oc.set_defaults(fn=cmd_rollout_check)
 
-    k = sub.add_parser("rack", help="the virtual rack")
-    ks = k.add_subparsers(dest="rackcmd", required=True)
-    ku = ks.add_parser("up", help="run a virtual rig's rack in the foreground (Ctrl-C stops it)")
-    ku.add_argument("rig", type=Path, nargs="?", default=DEFAULT_RIG)
-    ku.set_defaults(fn=cmd_rack_up)
-
     b = sub.add_parser("bench", help="measure console, SCPI and boot latencies and smoke-suite scaling")
     b.add_argument("--rig", type=Path, default=DEFAULT_RIG)
     b.add_argument("--out", type=Path, default=ROOT / "reports" / "bench" / "bench.json")
@@ -332,8 +320,10 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--sweep", choices=["reduced", "full"], default="full", help="--only sweep: which sweep (full)")
     b.set_defaults(fn=cmd_bench)
 
+    from harness.benchcmd import add_cli as add_bench_cli
     from harness.pki import add_cli as add_pki_cli
 
+    add_bench_cli(sub)   # hil rack up|down|status, hil console SLOT, hil power SLOT ...
     add_pki_cli(sub)
 
     a = ap.parse_args(argv)

@@ -167,9 +167,11 @@ class Console:
     """
 
     def __init__(self, url: str, *, name: str, log_path: Path | None = None, baudrate: int = 115200,
-                 line_ending: str = "\r\n", tail_lines: int = 20):
+                 line_ending: str = "\r\n", tail_lines: int = 20,
+                 on_data: Callable[[bytes], None] | None = None):
         self.url = url
         self.name = name
+        self.on_data = on_data  # every chunk received, raw, in the reader thread (a terminal echoes it)
         self.log_path = Path(log_path) if log_path is not None else None
         self.baudrate = baudrate
         self.line_ending = line_ending
@@ -544,6 +546,8 @@ class Console:
             rest = rest[_MAX_LINE:]
         self._pending = rest
         self._publish(complete, _decode(rest) if rest else "", t_mono, t_wall)
+        if self.on_data is not None:
+            self.on_data(data)
 
     def _end_partial_line(self) -> None:
         """The stream broke (port lost): what was received of the last line becomes a line."""
