@@ -12,7 +12,7 @@ import datetime as dt
 import enum
 import re
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from harness.config import Rig, Slot
@@ -62,14 +62,23 @@ class SlotStatus:
     pending: str | None
     tries: int
     confirmed: bool
-    slots: dict[str, dict[str, str]] = field(default_factory=dict)
-    boots: int | None = None  # the bootloader's boot count, where the firmware reports it
-    rollbacks: int | None = None  # rollbacks ever (the BCB's count), where the firmware reports it
+    slots: dict[str, dict[str, str]]
+    boots: int  # the bootloader's boot count (a profile that cannot read it is refused: harness/config.py)
+    rollbacks: int  # rollbacks ever (the BCB's count): what an update that changed nothing must leave as it was
 
     def brief(self) -> str:
         fw = " ".join(f"{s}={v.get('fw', '?')}" for s, v in sorted(self.slots.items()))
         return (f"active={self.active} booted={self.booted} pending={self.pending or '-'} tries={self.tries} "
                 f"confirmed={'yes' if self.confirmed else 'no'} boots={self.boots} rollbacks={self.rollbacks} {fw}")
+
+
+@dataclass(frozen=True)
+class SlotHash:
+    """What `slot hash` says of one slot: SHA-256 of the whole slot region (any write shows in it) and of the
+    image as the slot holds it, as long as its header declares (None: no readable header)."""
+
+    region: str
+    image: str | None
 
 
 @dataclass(frozen=True)
@@ -145,6 +154,8 @@ class Cart:
         self.id = slot.cart_id
         self.state = CartState.OFF
         self.quarantine_reason: str | None = None
+        self.test: str | None = None             # the test using the cart now (set by the pytest plugin)
+        self.quarantined_in: str | None = None   # the test during which it was quarantined
         self.console = Console(slot.console_url, name=self.id, log_path=bench.log_dir / f"{self.id}.log",
                                line_ending=self.profile.line_ending)
         self.console.open()
@@ -161,6 +172,7 @@ class Cart:
     def quarantine(self, reason: str) -> None:
         self.state = CartState.QUARANTINED
         self.quarantine_reason = reason.splitlines()[0] if reason else "unknown"
+        self.quarantined_in = self.test
         try:
             if self._power is not None:
                 self._power.off()
@@ -247,18 +259,31 @@ class Cart:
         timeout = self.boot_timeout if timeout is None else timeout
         t0 = time.monotonic()
         try:
-            m = self.console.expect(self._rx["banner"], timeout, what=f"{self.id} boot banner")
+            m = self._expect_or_halt("banner", timeout, f"{self.id} boot banner")
             banner = Banner(m["bl_version"], m["slot"], m["version"], m["config"], m["mode"], m.group(0))
             self.boots.append(banner)
             self.state = CartState.BOOTLOADER
             if ready:
                 left = max(0.1, timeout - (time.monotonic() - t0))
-                self.console.expect(self._rx["ready"], left, what=f"{self.id} firmware ready")
+                self._expect_or_halt("ready", left, f"{self.id} firmware ready")
                 self.state = CartState.RUNNING
         except ConsoleError as exc:
             self.quarantine(f"no boot: {exc}")
             raise BootError(f"{self.id}: {exc}") from None
         return banner
+
+    def _expect_or_halt(self, key: str, timeout: float, what: str) -> re.Match[str]:
+        """The profile's `key` line; a bootloader that says it halts (the profile's `no_image`) ends the wait at
+        once, the cause in the first line: nothing else will come from a halted cart."""
+        if "no_image" not in self._rx:
+            return self.console.expect(self._rx[key], timeout, what=what)
+        got, m = self.console.expect_any({key: self._rx[key], "no_image": self._rx["no_image"]}, timeout, what=what)
+        if got == key:
+            return m
+        tail = self.console.tail()
+        invalid = self._rx.get("slot_invalid")
+        why = [x for x in tail.splitlines() if invalid is not None and invalid.search(x)][-2:]  # this boot's
+        raise ConsoleError(f"{m.group(0)}" + (f" ({'; '.join(why)})" if why else "") + f"\n{tail}")
 
     # ------------------------------------------------------------ shell
     @property
@@ -360,19 +385,28 @@ class Cart:
             if m:
                 slots[m.group(1)] = dict(kv.split("=", 1) for kv in m.group(2).split() if "=" in kv)
         pending = head["pending"]
-        gd = head.groupdict()
+        counts = {k: head[k] for k in ("boots", "rollbacks")}
+        lacking = [k for k, v in counts.items() if v is None]
+        if lacking:  # the profile's pattern has the groups (config.py) but this reply did not fill them
+            raise CartError(f"{self.id}: slot status: no {' or '.join(lacking)} count in {head.group(0)!r}: an "
+                            "update's checks compare them before and after")
         return SlotStatus(head["active"], head["booted"], None if pending == "-" else pending,
-                          int(head["tries"]), head["confirmed"] == "yes", slots,
-                          int(gd["boots"]) if gd.get("boots") else None,
-                          int(gd["rollbacks"]) if gd.get("rollbacks") else None)
+                          int(head["tries"]), head["confirmed"] == "yes", slots, int(counts["boots"]),
+                          int(counts["rollbacks"]))
 
     def slot_hashes(self) -> dict[str, str]:
         """Slot -> SHA-256 of the whole slot region, as the firmware reads its flash: the proof that
         nothing was written (a version string can stay the same while pages change)."""
+        return {slot: h.region for slot, h in self.slot_digests().items()}
+
+    def slot_digests(self) -> dict[str, SlotHash]:
+        """Slot -> both hashes `slot hash` reports: the whole region's and the stored image's (what an
+        update's image is compared with)."""
         rx = re.compile(self.profile.commands["slot_hash"].parse or "")
-        found = {m["slot"]: m["sha256"] for m in map(rx.search, self.command("slot_hash")) if m}
+        found = {m["slot"]: SlotHash(m["sha256"], None if m["image"] in (None, "-") else m["image"])
+                 for m in map(rx.search, self.command("slot_hash")) if m}
         if set(found) != {"A", "B"}:
-            raise CartError(f"{self.id}: slot hash: expected both slots, got {found!r}\n{self.console.tail()}")
+            raise CartError(f"{self.id}: slot hash: expected both slots, got {sorted(found)!r}\n{self.console.tail()}")
         return found
 
     def __repr__(self) -> str:

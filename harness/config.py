@@ -174,9 +174,17 @@ class Connectivity(_Strict):
     fallback: str | None = None
 
 
+def version_key(v: str) -> tuple[int, ...]:
+    """A version like 1.4.2 as a sortable tuple (a suffix after '-' is ignored)."""
+    return tuple(int(x) for x in v.split("-", 1)[0].split("."))
+
+
 class FirmwareInfo(_Strict):
     family: Id
     initial_version: str
+    #: the versions carts of this configuration run in the field: the release gate updates the candidate
+    #: from each (a cart reaches one from the factory version by OTA). Default: the factory version alone.
+    field_versions: list[str] = Field(default_factory=list, max_length=8)
 
     @field_validator("initial_version")
     @classmethod
@@ -184,6 +192,28 @@ class FirmwareInfo(_Strict):
         if not re.fullmatch(r"\d{1,9}\.\d{1,9}\.\d{1,9}", v):
             raise ValueError(f"{v!r} is not a version like 1.4.2")
         return v
+
+    @field_validator("field_versions")
+    @classmethod
+    def _semvers(cls, vs: list[str]) -> list[str]:
+        for v in vs:
+            cls._semver(v)
+        if len(set(vs)) != len(vs):
+            raise ValueError(f"a version is listed twice: {vs}")
+        return vs
+
+    @model_validator(mode="after")
+    def _reachable(self) -> FirmwareInfo:
+        low = [v for v in self.field_versions if version_key(v) < version_key(self.initial_version)]
+        if low:
+            raise ValueError(f"field version {low[0]} is below initial_version {self.initial_version}: a cart "
+                             "cannot reach it (no downgrade)")
+        return self
+
+    @property
+    def versions_in_field(self) -> list[str]:
+        """The field versions, oldest first (the factory version when none are listed)."""
+        return sorted(self.field_versions or [self.initial_version], key=version_key)
 
 
 class SupplyLimits(_Strict):
@@ -355,13 +385,19 @@ class ConsoleProfile(_Strict):
     recovery: RecoveryProfile
 
     REQUIRED_PATTERNS: ClassVar[tuple[str, ...]] = ("bootloader", "autoboot", "banner", "ready")
-    REQUIRED_COMMANDS: ClassVar[tuple[str, ...]] = ("version", "slot_status", "rtc_get", "rtc_set", "sensors", "reboot")
+    REQUIRED_COMMANDS: ClassVar[tuple[str, ...]] = ("version", "slot_status", "slot_hash", "rtc_get", "rtc_set",
+                                                    "sensors", "reboot")
     #: what the harness reads out of a boot banner
     BANNER_GROUPS: ClassVar[tuple[str, ...]] = ("bl_version", "slot", "version", "config", "mode")
     #: placeholders the harness fills in when it sends a required command
     COMMAND_FIELDS: ClassVar[dict[str, tuple[str, ...]]] = {"rtc_set": ("time",)}
-    #: groups the harness reads from a command's reply (harness/cart.py), where the profile has the command
+    #: groups the harness reads from a command's reply (harness/cart.py), where the profile has the command.
+    #: None of them is optional: an update's checks compare the boot and rollback counts before and after
+    #: (slot_status) and the new slot's stored image with the image sent (slot_hash `image`); a profile
+    #: that cannot read one is refused rather than the check skipped.
     COMMAND_GROUPS: ClassVar[dict[str, tuple[str, ...]]] = {
+        "slot_status": ("active", "booted", "pending", "tries", "confirmed", "boots", "rollbacks"),
+        "slot_hash": ("slot", "sha256", "image"),
         "rtc_get": ("time",), "trust_list": ("name", "fp"), "time_sync": ("result", "t", "reason"),
         "device_state": ("counter", "floor"),
     }

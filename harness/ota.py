@@ -405,6 +405,8 @@ class UpdateOutcome:
     boots: list[str]                 # banner lines seen during the update, in order
     rollback_metric: float           # firmware_rollback_count for the target version, from this cart, during it
     events: dict[str, list[tuple[float, str]]] = field(default_factory=dict)  # console events (t_mono, line)
+    images_after: dict[str, str | None] = field(default_factory=dict)  # slot -> sha256 of its stored image
+    sent_sha256: str | None = None   # sha256 of the image the job sent
     timings: dict[str, float] = field(default_factory=dict)
     history: list[dict] = field(default_factory=list)
     console: str = ""
@@ -440,6 +442,9 @@ class UpdateOutcome:
         raise OtaError(f"{what}\n{self.describe()}")
 
     def _unchanged(self, slots: str = "AB", why: str = "although the update did not go through") -> None:
+        """`slots` byte for byte as they were, boot control as it was, and the bootloader's boot and rollback
+        counts too: no reboot (not one banner while the run listened, which was until the state after had
+        been read) and no rollback."""
         changed = [s for s in slots if self.hashes_after.get(s) != self.hashes_before.get(s)]
         if changed:
             self._fail(f"slot(s) {', '.join(changed)} changed {why}")
@@ -447,15 +452,19 @@ class UpdateOutcome:
         if (a.active, a.booted, a.pending, a.tries, a.confirmed) != (b.active, b.booted, b.pending, b.tries,
                                                                      b.confirmed):
             self._fail(f"boot control changed {why}")
-        if self.boots or (a.boots is not None and b.boots is not None and a.boots != b.boots):
-            self._fail(f"the cart rebooted {why}")
+        if self.boots or a.boots != b.boots:
+            self._fail(f"the cart rebooted {why}: boot count {b.boots} -> {a.boots}, {len(self.boots)} banner(s)")
+        if a.rollbacks != b.rollbacks:
+            self._fail(f"the bootloader's rollback count went {b.rollbacks} -> {a.rollbacks} {why}")
         if self.rollback_metric:
             self._fail(f"{ROLLBACK_METRIC} rose although no firmware was tried")
 
-    @_checked("confirmed: SUCCEEDED, the new slot active and confirmed, one trial boot, no rollback")
+    @_checked("confirmed: SUCCEEDED, the new slot active and confirmed and holding the image sent, one trial boot, "
+              "no rollback")
     def expect_confirmed(self) -> UpdateOutcome:
-        """SUCCEEDED, the new version running from the other slot, active and confirmed, one trial
-        boot and no other, no rollback counted."""
+        """SUCCEEDED, exactly the target version running from the other slot, active and confirmed, that
+        slot holding byte for byte the image sent (its stored image's SHA-256), one trial boot and no other,
+        no rollback counted."""
         if self.outcome == "succeeded-but-rolled-back":
             self._fail(f"job SUCCEEDED but {self.cart} rolled back from {self.target_version}: the release would "
                        f"have looked good in the jobs console while the fleet went back")
@@ -465,18 +474,34 @@ class UpdateOutcome:
         new_slot = "B" if b.booted == "A" else "A"
         if (a.active, a.booted, a.pending, a.confirmed) != (new_slot, new_slot, None, True):
             self._fail(f"expected slot {new_slot} active, booted, confirmed, nothing pending")
-        if a.slots.get(new_slot, {}).get("fw") != self.target_version:
-            self._fail(f"slot {new_slot} does not hold {self.target_version}")
+        held_fw = a.slots.get(new_slot, {}).get("fw")
+        if held_fw != self.target_version:
+            self._fail(f"slot {new_slot} holds {held_fw}, not {self.target_version}")
+        self._holds_the_image_sent(new_slot)
         if a.slots.get(b.booted, {}).get("fw") != b.slots.get(b.booted, {}).get("fw"):
             self._fail(f"the old slot {b.booted} changed: the previous firmware must stay as the way back")
         if self.hashes_after.get(b.booted) != self.hashes_before.get(b.booted):
             self._fail(f"the old slot {b.booted} was written")
-        trial = self.boots[0] if len(self.boots) == 1 else ""
-        if "mode=trial" not in trial or f"fw={self.target_version}" not in trial:
-            self._fail(f"expected exactly one boot, the trial of {self.target_version}")
+        trial = _fields(self.boots[0]) if len(self.boots) == 1 else {}
+        if (trial.get("mode"), trial.get("fw")) != ("trial", self.target_version) or a.boots != b.boots + 1:
+            self._fail(f"expected exactly one boot, the trial of {self.target_version}: boot count {b.boots} -> "
+                       f"{a.boots}, banners {self.boots}")
+        if a.rollbacks != b.rollbacks:
+            self._fail(f"the bootloader's rollback count went {b.rollbacks} -> {a.rollbacks} on a confirmed update")
         if self.rollback_metric:
             self._fail(f"{ROLLBACK_METRIC} rose on a confirmed update")
         return self
+
+    def _holds_the_image_sent(self, slot: str) -> None:
+        """The image `slot` holds (SHA-256 of header, payload and TLVs as stored) is the one the job sent: a
+        version string proves nothing about the bytes."""
+        held = self.images_after.get(slot)
+        if self.sent_sha256 is None:
+            self._fail(f"no image was sent: nothing to compare slot {slot} with")
+        if held != self.sent_sha256:
+            self._fail(f"slot {slot} holds an image whose hash differs from the one sent: sha256 "
+                       f"{held[:16] + '…' if held else 'none (no readable image header)'} as stored, "
+                       f"{self.sent_sha256[:16]}… sent")
 
     @_checked("rejected for {0!r}: nothing written, boot control unchanged, no reboot, no rollback counted")
     def expect_rejected(self, reason: str) -> UpdateOutcome:
@@ -551,7 +576,7 @@ class UpdateOutcome:
             self._fail(f"the previous slot {b.active} was written")
         if self.rollback_metric != 1:
             self._fail(f"{ROLLBACK_METRIC} for {self.target_version} rose by {self.rollback_metric:g}, expected 1")
-        if a.rollbacks is not None and b.rollbacks is not None and a.rollbacks != b.rollbacks + 1:
+        if a.rollbacks != b.rollbacks + 1:
             self._fail(f"the bootloader's rollback count went {b.rollbacks} -> {a.rollbacks}, expected +1")
         if not self.events.get("rollback"):
             self._fail("no bootloader rollback line on the console")
@@ -563,8 +588,14 @@ def _deferred_or_ended(change: StatusChange) -> bool:
 
 
 def reason_matches(got: str, want: str) -> bool:
-    """`got` is exactly `want`, or starts with it when `want` ends in '*'."""
+    """`got` is exactly `want`, or starts with it when `want` ends in '*'. The suites give exact reasons (a
+    prefix like "malformed*" also passes a verifier crash); the '*' is for incident files (harness/repro.py)."""
     return got.startswith(want[:-1]) if want.endswith("*") else got == want
+
+
+def _fields(line: str) -> dict[str, str]:
+    """The key=value words of a console line (a banner's slot, fw, mode)."""
+    return dict(w.split("=", 1) for w in line.split() if "=" in w)
 
 
 class UpdateRun:
@@ -581,6 +612,9 @@ class UpdateRun:
         self.fleet = fleet
         self.cart = cart
         self.target_version = target_version
+        self.sent_sha256 = hashlib.sha256(image).hexdigest() if image is not None else None
+        self.result: UpdateOutcome | None = None  # how it ended, once `wait` (or `wait_deferred`) has said
+        self.on_result: Callable[[UpdateOutcome], None] | None = None  # told how it ended (CartOta records it)
         cart.ensure_usable()
         fleet.serve(cart.id)
         self.job_id = fleet.new_job_id(f"{label}-{cart.id}")
@@ -599,7 +633,7 @@ class UpdateRun:
         doc = self._template()
         if image is not None:
             fleet.images.add(self.job_id, image)
-            doc |= {"image_id": self.job_id, "sha256": hashlib.sha256(image).hexdigest(), "size": len(image)}
+            doc |= {"image_id": self.job_id, "sha256": self.sent_sha256, "size": len(image)}
         for k, v in (document or {}).items():
             if v is DELETE:
                 doc.pop(k, None)
@@ -803,19 +837,22 @@ class UpdateRun:
         return outcome
 
     def _state_after(self) -> tuple[SlotStatus, dict[str, str]]:
+        """Boot control and both hashes of each slot (also kept: `images_after`), read while the run's console
+        listeners are still registered: a reboot up to the moment they are read is seen."""
         from harness.cart import CartError
         from harness.console import ConsoleError
 
         with step(f"{self.cart.id}: state after the job"):
             try:
                 after = self.cart.slot_status()
-                hashes_after = self.cart.slot_hashes()
+                digests = self.cart.slot_digests()
             except (CartError, ConsoleError) as exc:
                 self._raise_if_cause()  # a crash loop, a silent cart: that is the news, not the unanswered query
                 raise OtaError(f"{self.cart.id}: cannot read its state after the job {self.job_id}: "
                                f"{(str(exc).splitlines() or [''])[0]}\n{self.cart.console.tail()}") from None
             attach("slot status after", after.brief())
-        return after, hashes_after
+        self.images_after = {slot: d.image for slot, d in digests.items()}
+        return after, {slot: d.region for slot, d in digests.items()}
 
     def _rollback_metric(self) -> float:
         return self.fleet.telemetry.rollback_count(self.target_version, self.cart.id, since=self.tele_mark)
@@ -830,7 +867,11 @@ class UpdateRun:
             outcome=outcome, before=self.before, after=after, hashes_before=self.hashes_before,
             hashes_after=hashes_after, boots=[text for _, text in self.events.get("banner", [])],
             rollback_metric=metric, events=self.events, timings=self._timings(t_end), history=history,
-            console=cart.console.slice_text(self.console_start), **extra)
+            console=cart.console.slice_text(self.console_start), images_after=self.images_after,
+            sent_sha256=self.sent_sha256, **extra)
+        self.result = result
+        if self.on_result is not None:
+            self.on_result(result)
         attach(f"{self.document.get('operation')} outcome",
                {"outcome": outcome, "status": status, "details": details, "timings_s": result.timings,
                 "rollback_metric": metric, "history": history,
@@ -988,8 +1029,8 @@ class CartOta:
         self.builds = builds
         self.signer = signer
         self.hardware = hardware  # what a release is signed for: every hardware revision of the rig
-        self.outcomes: list[UpdateOutcome] = []
         self.runs: list[UpdateRun] = []
+        self.on_outcome: Callable[[UpdateOutcome, bytes | None], None] | None = None  # the plugin records it
         if fleet is not None:  # the cart's job requests and time challenges are answered from now on
             fleet.serve(cart.id)
 
@@ -1009,10 +1050,16 @@ class CartOta:
     def image(self, version: str, *, faults: Mapping[str, Any] | None = None, **sign) -> bytes:
         """A signed release image of `version` (a fault build with `faults`); `sign` as Signer.sign, its
         validity by default around the cart's server time."""
+        return self.sign(self.unsigned(version, faults), **sign)
+
+    def sign(self, unsigned: bytes, **sign) -> bytes:
+        """`unsigned` (a build) signed as a release for this cart: for every hardware revision of the rig,
+        under the root the cart was provisioned with, valid around its server time (`sign` overrides,
+        as Signer.sign)."""
         sign.setdefault("hardware", self.hardware)
         sign.setdefault("ca", self.ca)
         sign.setdefault("now", self.server_time())
-        unsigned = self.unsigned(version, faults)
+        version = sign.get("version") or himage.parse_image(unsigned).version
         with step(f"sign {version} (ca {sign['ca']}" + (f", tamper {sign['tamper']}" if sign.get("tamper") else "")
                   + ")"):
             return self.signer.sign(unsigned, **sign)
@@ -1037,14 +1084,15 @@ class CartOta:
         if target_version is None:
             target_version = _image_version(image)
         run = UpdateRun(self.fleet, self.cart, image, target_version=target_version, **kw)
+        if self.on_outcome is not None:
+            on_outcome = self.on_outcome
+            run.on_result = lambda out: on_outcome(out, image)
         self.runs.append(run)
         return run
 
     def update(self, image: bytes | None, *, target_version: str | None = None, timeout: float | None = None,
                **kw) -> UpdateOutcome:
-        out = self.start(image, target_version=target_version, **kw).wait(timeout)
-        self.outcomes.append(out)
-        return out
+        return self.start(image, target_version=target_version, **kw).wait(timeout)
 
     def start_trust(self, bundle: bytes, **kw) -> TrustRun:
         """Queue a CA update (`kw` as TrustRun: document overrides, url_ttl_s)."""
@@ -1065,7 +1113,7 @@ class CartOta:
     def hidden_rollbacks(self) -> list[UpdateOutcome]:
         """Updates of this test whose job SUCCEEDED while the cart rolled back, unless the test said it
         expected that (`expect_rolled_back(succeeded_first=True)`): the `ota` fixture fails the test."""
-        return [o for o in self.outcomes if o.hidden_rollback]
+        return [r.result for r in self.runs if r.result is not None and r.result.hidden_rollback]
 
 
 def _image_version(image: bytes | None) -> str:

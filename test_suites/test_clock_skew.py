@@ -125,8 +125,8 @@ BAD_ANSWERS = [
     pytest.param("normal", -HOUR, "earlier than last accepted", id="earlier-than-last-accepted"),
     pytest.param("normal", 20 * YEAR, "from the future", id="from-the-far-future"),
     pytest.param("unsigned", 0, "unsigned", id="unsigned"),
-    pytest.param("malformed", 0, "malformed*", id="malformed"),
-    pytest.param("oversized", 0, "malformed*", id="oversized"),
+    pytest.param("malformed", 0, "malformed: answer not json", id="malformed"),
+    pytest.param("oversized", 0, "malformed: answer too large", id="oversized"),
 ]
 
 
@@ -141,9 +141,9 @@ def check_bad_answer_rejected(cart, fleet, mode: str, offset_s: int, reason: str
     fleet.time.set_mode(cart.id, mode, offset_s=offset_s)
     bad = cart.time_sync(tries=1)  # one request: how the cart judges that one answer
     fleet.time.set_mode(cart.id, "normal")
-    ok = bad.reason.startswith(reason[:-1]) if reason.endswith("*") else bad.reason == reason
-    assert bad.result == "rejected" and ok, (f"{cart.id}: time answer ({mode}, offset {offset_s:+d} s) gave "
-                                             f"{bad.result} {bad.reason!r}, expected rejected {reason!r}")
+    assert (bad.result, bad.reason) == ("rejected", reason), (
+        f"{cart.id}: time answer ({mode}, offset {offset_s:+d} s) gave {bad.result} {bad.reason!r}, expected "
+        f"rejected {reason!r}")
     after = cart.device_state()
     assert after == before, f"{cart.id}: a rejected time answer changed the device state: {before} -> {after}"
 
@@ -183,7 +183,6 @@ def test_wall_clock_jump_in_the_trial_window_does_not_end_a_good_trial(cart, ota
     _trial_started(run, target)
     cart.skew_clock(jump)
     out = run.wait()
-    ota.outcomes.append(out)
     out.expect_confirmed()
 
 
@@ -199,7 +198,6 @@ def test_wall_clock_jump_in_the_trial_window_does_not_move_the_mark_good_deadlin
     t_trial = _trial_started(run, target)
     cart.skew_clock(jump)
     out = run.wait()
-    ota.outcomes.append(out)
     out.expect_rolled_back()
     t_reset = out.events["watchdog"][0][0]
     lasted = t_reset - t_trial

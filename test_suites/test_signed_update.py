@@ -14,8 +14,8 @@ from urllib.parse import parse_qs, urlparse
 
 import pytest
 
-from harness import pki
 from harness.fleet import ImageHost
+from harness.negatives import IMAGE_DEFECTS, lower
 from harness.ota import DELETE, OtaError, bump
 
 OTHER_HOST = "127.0.0.2"  # another loopback address: Linux routes all of 127/8 to this machine
@@ -26,11 +26,6 @@ def range_start(r) -> int:
     if not r.range or not r.range.startswith("bytes=") or r.range.startswith("bytes=-"):
         return 0
     return int(r.range[6:].split("-", 1)[0] or 0)
-
-
-def lower(version: str) -> str:
-    major, minor, patch = (int(x) for x in version.split("."))
-    return f"{major}.{minor}.{patch - 1}" if patch else f"{major}.{minor - 1}.9"
 
 
 def test_happy_path(cart, ota):
@@ -52,25 +47,6 @@ def test_three_updates_back_to_back(cart, ota):
         running = target
     assert cart.version() == running
     assert slots[0] != slots[1] != slots[2], f"each update goes to the other slot: {slots}"
-
-
-# (id, signing options relative to the running version, expected reason)
-IMAGE_DEFECTS = [
-    ("unsigned", {"tamper": "unsigned"}, "unsigned"),
-    ("untrusted-signer", {"signer": pki.signer_of(pki.ROGUE_ROOT)}, "untrusted signer"),
-    ("corrupted-signature", {"tamper": "bad-signature"}, "bad signature"),
-    ("payload-changed-after-signing", {"tamper": "payload-after-signing"}, "payload hash mismatch"),
-    ("manifest-changed-after-signing", {"tamper": "manifest-after-signing"}, "bad signature"),
-    ("payload-size-mismatch", {"tamper": "size-mismatch"}, "size mismatch"),
-    ("payload-hash-tlv-mismatch", {"tamper": "hash-mismatch"}, "payload hash mismatch"),
-    ("version-tlv-mismatch", {"tamper": "version-mismatch"}, "manifest mismatch"),
-    ("no-signer-chain", {"tamper": "no-certs"}, "untrusted signer"),
-    ("truncated-image", {"tamper": "truncated"}, "malformed*"),
-    ("wrong-hardware", {"hardware": ["rev-z"]}, "wrong hardware"),
-    ("expired", {"issued": 1_600_000_000, "expires": 1_700_000_000}, "expired"),
-    ("not-yet-valid", {"issued": int(time.time()) + 30 * 86400, "expires": int(time.time()) + 60 * 86400},
-     "not yet valid"),
-]
 
 
 @pytest.mark.parametrize(("sign", "reason"), [pytest.param(s, r, id=i) for i, s, r in IMAGE_DEFECTS])
@@ -146,10 +122,9 @@ def test_truncated_download_fails_and_writes_nothing(cart, ota, fleet):
     image = ota.image(target)
     fleet.images.stall_after(len(image) // 2, once=False, hold_s=0.05)
     try:
-        out = ota.update(image).expect_failed("download incomplete*")
+        ota.update(image).expect_failed(f"download incomplete: {len(image) // 2} of {len(image)} bytes")
     finally:
         fleet.images.stall_after(None)
-    assert f"{len(image) // 2} of {len(image)}" in out.reason, out.reason
 
 
 def test_resumed_download_whose_later_bytes_changed_under_the_same_etag_is_rejected(cart, ota, fleet):
@@ -169,7 +144,6 @@ def test_resumed_download_whose_later_bytes_changed_under_the_same_etag_is_rejec
     finally:
         fleet.images.stall_after(None)
     out = run.wait()
-    ota.outcomes.append(out)
     out.expect_rejected("download hash mismatch")
     served = fleet.images.requests(run.job_id)
     assert any(r.status == 206 and range_start(r) > 0 for r in served), \

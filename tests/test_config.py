@@ -331,6 +331,14 @@ def test_state_reset_and_the_time_commands_are_optional(tmp_path):
      "commands.time_sync.parse: no group (?P<t>...), (?P<reason>...)"),
     (lambda d: d["commands"]["trust_list"].__setitem__("parse", r"^trust (?P<name>\S+)"),
      "commands.trust_list.parse: no group (?P<fp>...)"),
+    # what an update's checks compare: never skipped because a profile cannot read it
+    (lambda d: d["commands"]["slot_status"].__setitem__(
+        "parse", r"^slot active=(?P<active>[AB]) booted=(?P<booted>[AB]) pending=(?P<pending>[AB-]) "
+                 r"tries=(?P<tries>\d+) confirmed=(?P<confirmed>yes|no)"),
+     "commands.slot_status.parse: no group (?P<boots>...), (?P<rollbacks>...) (the harness reads it)"),
+    (lambda d: d["commands"]["slot_hash"].__setitem__("parse", r"^slot (?P<slot>[AB]) sha256=(?P<sha256>[0-9a-f]{64})"),
+     "commands.slot_hash.parse: no group (?P<image>...) (the harness reads it)"),
+    (lambda d: d["commands"].pop("slot_hash"), "commands.slot_hash: missing"),
 ])
 def test_a_profile_missing_what_the_harness_reads_is_refused(tmp_path, mutate, says):
     p = _profile(tmp_path, mutate)

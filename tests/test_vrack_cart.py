@@ -230,6 +230,8 @@ def test_boot_banner_and_shell(vcart):
     assert vcart.command("slot status") == [
         "slot active=A booted=A pending=- tries=0 confirmed=yes boots=1 rollbacks=0", "slot A fw=1.4.2 valid=yes",
         "slot B fw=- valid=no"]
+    erased = hashlib.sha256(b"\xff" * 524288).hexdigest()
+    assert vcart.command("slot hash")[1] == f"slot B sha256={erased} image=-"  # no image header to read
     (now,) = vcart.command("rtc get")
     assert re.fullmatch(r"rtc \d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", now)
     assert vcart.command("rtc set 2026-11-27T05:00:00Z") == ["rtc 2026-11-27T05:00:00Z"]
@@ -273,6 +275,14 @@ def test_recovery_load_into_slot_b_then_boot_it(vcart):
     vcart.boot_to_shell(slot="B", fw="1.5.0")
     assert vcart.command("slot status")[0] == \
         "slot active=B booted=B pending=- tries=0 confirmed=yes boots=1 rollbacks=0"
+    # `slot hash`: the whole region (erased pages after the image included) and the image as stored
+    with vcart.flash() as f:
+        regions = {slot: hashlib.sha256(f.read_slot(slot)).hexdigest() for slot in "AB"}
+    factory_img = factory.build_image("1.4.2")
+    assert vcart.command("slot hash") == [
+        f"slot A sha256={regions['A']} image={hashlib.sha256(factory_img).hexdigest()}",
+        f"slot B sha256={regions['B']} image={hashlib.sha256(img).hexdigest()}"]
+    assert regions["B"] != hashlib.sha256(img).hexdigest()
 
 
 def test_recovery_rejects_a_transfer_whose_hash_differs(vcart):

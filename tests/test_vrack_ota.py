@@ -147,7 +147,8 @@ class OtaCart(VirtualCart):
             os.replace(tmp, self.faults_path)
 
     def slot_hashes(self) -> dict[str, str]:
-        found = (re.fullmatch(r"slot ([AB]) sha256=([0-9a-f]{64})", x) for x in self.command("slot hash"))
+        found = (re.fullmatch(r"slot ([AB]) sha256=([0-9a-f]{64}) image=(?:[0-9a-f]{64}|-)", x)
+                 for x in self.command("slot hash"))
         return dict(m.groups() for m in found if m)  # (an async OTA line may come between)
 
 

@@ -213,7 +213,9 @@ def test_physical_rig_refusals(tmp_path, mutate, expected):
 def test_physical_rig_may_use_the_same_port_on_other_hosts(tmp_path):
     data = _lab()
     data["supplies"][3]["resource"] = "TCPIP0::psu-c.lab.example::5025::SOCKET"  # psu-b is on 5025 too
-    Rig.load(_yaml(tmp_path / "lab.yaml", data))
+    rig = Rig.load(_yaml(tmp_path / "lab.yaml", data))
+    assert sorted(s.resource for s in rig.spec.supplies if s.port == 5025) == [
+        "TCPIP0::psu-b.lab.example::5025::SOCKET", "TCPIP0::psu-c.lab.example::5025::SOCKET"]
 
 
 # ---------------------------------------------------------------- the file itself

@@ -264,8 +264,7 @@ class Firmware:
         elif words == ["slot", "status"]:
             self.slot_status()
         elif words == ["slot", "hash"]:
-            for slot in ("A", "B"):
-                self.say(f"slot {slot} sha256={hashlib.sha256(self.read_slot(slot)).hexdigest()}")
+            self.slot_hash()
         elif words == ["ota", "status"]:
             self.ota_status()
         elif words == ["rtc", "get"]:
@@ -302,6 +301,16 @@ class Firmware:
             image = parse_image_or_none(self.read_slot(slot))
             version = image["version"] if image else "-"
             self.say(f"slot {slot} fw={version} valid={'yes' if image else 'no'}")
+
+    def slot_hash(self):
+        """Two SHA-256 per slot: of the whole slot region (`sha256`: every page, leftovers of an older image
+        beyond this one's end included, so any write shows), and of the image as the slot holds it
+        (`image`: header, payload and TLVs, as long as its header declares; what the harness compares with
+        the image it sent). `image=-`: no readable header (erased, another magic or format, sizes beyond
+        the slot). Neither verifies anything: a damaged image still has a hash."""
+        for slot in ("A", "B"):
+            data = self.read_slot(slot)
+            self.say(f"slot {slot} sha256={hashlib.sha256(data).hexdigest()} image={stored_image_hash(data)}")
 
     def ota_status(self):
         agent = self.agent
@@ -1550,6 +1559,18 @@ class ImageInvalid(Exception):
     def __init__(self, reason):
         super().__init__(reason)
         self.reason = reason
+
+
+def stored_image_hash(data):
+    """SHA-256 (hex) of the image at the start of `data` (a slot), as long as its header declares: header,
+    payload and TLVs; '-' when the header cannot say (not an image of format 1, or sizes beyond `data`)."""
+    if len(data) < IMG_HEADER.size:
+        return "-"
+    magic, fmt, header_size, payload_size, tlv_size, _ = IMG_HEADER.unpack_from(data)
+    end = header_size + payload_size + tlv_size
+    if magic != IMG_MAGIC or fmt != 1 or header_size != IMG_HEADER.size or end > len(data):
+        return "-"
+    return hashlib.sha256(bytes(data[:end])).hexdigest()
 
 
 def parse_image(data):
