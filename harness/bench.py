@@ -31,6 +31,7 @@ import re
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -315,17 +316,23 @@ def cut_latency(cart, rig: Rig, count: int, *, flood: bool = False, nth: int = 2
 
 @contextlib.contextmanager
 def _bench_on(rig: Rig, out: Path):
-    """The rig's bench (supplies and consoles), with the virtual rack started for it if none is up;
-    everything closed (and the rack stopped if it was started here) afterwards."""
+    """(the rig in use, its bench: supplies and consoles). A virtual rig whose rack is not up gets a private
+    one, as a test run does (docs/interfaces.md, "Isolated runs"): its copy of the rig, free ports, its files
+    in a new `rack-<time>-*` directory beside `out`. Everything closed (and that rack stopped) afterwards."""
     from harness.cart import Bench
-    from harness.rackctl import rack_state, start_rack, stop_rack
+    from harness.isolation import start_private_rack
+    from harness.rackctl import rack_state, stop_rack
 
-    started = start_rack(rig, owner_pid=os.getpid()) if rig.is_virtual and rack_state(rig) is None else None
+    started = None
+    if rig.is_virtual and rack_state(rig) is None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        run_dir = Path(tempfile.mkdtemp(prefix=time.strftime("rack-%Y%m%d-%H%M%S-"), dir=out.parent))
+        rig, started = start_private_rack(rig, run_dir, owner_pid=os.getpid(), note="hil bench")
     try:
         rig.preflight()
         bench = Bench(rig, out.parent / "consoles")
         try:
-            yield bench
+            yield rig, bench
         finally:
             bench.close()
     finally:
@@ -337,10 +344,10 @@ def run_cut_bench(rig_path: Path, *, out: Path, cuts: int = 50, cart_id: str | N
     """Only the cut latency (`hil bench --only cut`)."""
     rig = Rig.load(rig_path)
     results: dict = {"rig": str(rig.path), "when": time.strftime("%Y-%m-%dT%H:%M:%S")}
-    with _bench_on(rig, out) as bench:
-        cart = bench.cart(cart_id or rig.slots[0].cart_id)
-        results["cut_latency"] = cut_latency(cart, rig, cuts)
-        results["cut_latency_flood"] = cut_latency(cart, rig, cuts, flood=True)
+    with _bench_on(rig, out) as (live, bench):
+        cart = bench.cart(cart_id or live.slots[0].cart_id)
+        results["cut_latency"] = cut_latency(cart, live, cuts)
+        results["cut_latency_flood"] = cut_latency(cart, live, cuts, flood=True)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=2))
     _print_cut(results["cut_latency"])
@@ -352,19 +359,19 @@ def run_cut_bench(rig_path: Path, *, out: Path, cuts: int = 50, cart_id: str | N
 def run_bench(rig_path: Path, *, out: Path, quick: bool = False, cuts: int = 50) -> int:
     rig = Rig.load(rig_path)
     results: dict = {"rig": str(rig.path), "when": time.strftime("%Y-%m-%dT%H:%M:%S")}
-    with _bench_on(rig, out) as bench:
-        first = bench.cart(rig.slots[0].cart_id)
+    with _bench_on(rig, out) as (live, bench):
+        first = bench.cart(live.slots[0].cart_id)
         results["console_line_latency"] = console_latency(first, 500 if quick else 2000)
-        results["scpi_query_latency"] = scpi_latency(bench, rig, 200 if quick else 1000)
-        results["power_on_to_banner"] = boot_times(bench, rig)
-        results["cut_latency"] = cut_latency(first, rig, min(cuts, 20) if quick else cuts)
-        results["cut_latency_flood"] = cut_latency(first, rig, min(cuts, 20) if quick else cuts, flood=True)
+        results["scpi_query_latency"] = scpi_latency(bench, live, 200 if quick else 1000)
+        results["power_on_to_banner"] = boot_times(bench, live)
+        results["cut_latency"] = cut_latency(first, live, min(cuts, 20) if quick else cuts)
+        results["cut_latency_flood"] = cut_latency(first, live, min(cuts, 20) if quick else cuts, flood=True)
         from harness.ota import Fleet
 
-        fleet = Fleet(rig, out.parent / "fleet")
+        fleet = Fleet(live, out.parent / "fleet")
         try:
             results["device_event_to_harness"] = mqtt_latency(first, fleet, 300 if quick else 1000)
-            results["ota_update"] = update_timings(bench, rig, fleet, out.parent)
+            results["ota_update"] = update_timings(bench, live, fleet, out.parent)
         finally:
             fleet.close()
     if not quick:

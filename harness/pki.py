@@ -252,7 +252,7 @@ class LabPki:
         A certificate is reissued when its key was missing, its issuer was (re)issued, or it no
         longer matches its key or its issuer. Existing keys are loaded (and so refused if loose)."""
         if not self.dir.exists():
-            self.dir.mkdir(parents=True, mode=0o700)
+            self.dir.mkdir(parents=True, mode=0o700, exist_ok=True)  # two runs may both find it missing
         # one init at a time (parallel test workers share a PKI directory)
         with open(self.dir / ".lock", "a") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)

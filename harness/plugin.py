@@ -1,7 +1,10 @@
 """The cart-hil pytest plugin (registered through the `pytest11` entry point).
 
-Options: ``--rig PATH`` (default: the virtual rig, whose rack the plugin starts and stops
-itself when none is up), ``--cart ID`` and ``--tag TAG`` to select carts.
+Options: ``--rig PATH`` (default: the virtual rig), ``--cart ID`` and ``--tag TAG`` to select carts,
+``--lock-wait S``. A run on a virtual rig gets a private copy of it: its own rack on free ports in
+``<run dir>/rack``, started and stopped by the plugin; a physical rig, or a virtual rig named with
+``--rig`` whose rack is already up, is shared: the run locks the slots it uses (docs/interfaces.md,
+"Isolated runs").
 
 Fixtures: ``rig`` (the validated rig, rack up), ``bench`` (supplies and consoles held by this
 process), ``cart`` (one cart, parametrized over the selected slots; test ids are config ids).
@@ -13,8 +16,10 @@ to one worker (``--dist loadgroup`` with one group per cart).
 from __future__ import annotations
 
 import errno
+import hashlib
 import json
 import os
+import sys
 import tempfile
 import time
 import uuid
@@ -36,10 +41,21 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     g.addoption("--tag", action="append", default=[], metavar="TAG", help="run on carts with this tag (repeatable)")
     g.addoption("--hil-reports", default=None, metavar="DIR",
                 help="where runs write consoles and results (default: reports/ under the rootdir)")
-    g.addoption("--sweep", default=os.environ.get("HIL_SWEEP", "reduced"), choices=("reduced", "full"),
-                help="power-cut sweep (test_suites/test_power_cut.py): 'reduced' (the gate: every 5th event, "
-                     "every boot-control write, 2 random cuts) or 'full' (every event, 10 random cuts); "
-                     "default $HIL_SWEEP or reduced")
+    g.addoption("--hil-run-dir", default=None, metavar="DIR",
+                help="this run's own directory (its name is the run id); default <reports>/runs/<new run id>. "
+                     "`hil gate` passes reports/<run-id>")
+    g.addoption("--lock-wait", type=float, default=0.0, metavar="S",
+                help="a slot of a shared rig (physical, or a virtual rack kept up) that another run holds: wait up "
+                     "to S seconds for it, then refuse naming the holder (default 0: refuse at once)")
+    g.addoption("--hil-firmware", default=None, metavar="IMAGE",
+                help="the release candidate: a firmware image (a build, unsigned; a signed one's payload is gated)")
+    g.addoption("--hil-build", default=None, metavar="VERSION",
+                help="the release candidate: this version, made by the rig's firmware.build command "
+                     "(default: the reference firmware's next release, one minor above the newest field version)")
+    g.addoption("--sweep", default=os.environ.get("HIL_SWEEP", "reduced"), choices=("quick", "reduced", "full"),
+                help="power-cut sweep (test_suites/test_power_cut.py): 'quick' (every boot-control write), "
+                     "'reduced' (the gate: every 5th event, every write of a two-copy store, 2 random cuts) or "
+                     "'full' (every event, 10 random cuts); default $HIL_SWEEP or reduced")
 
 
 def _is_worker(config: pytest.Config) -> bool:
@@ -60,18 +76,26 @@ def pytest_configure(config: pytest.Config) -> None:
         wi = config.workerinput
         run_id, run_dir = wi["hil_run_id"], Path(wi["hil_run_dir"])
         owner = int(wi["hil_owner_pid"])
+        mode = wi["hil_rig_mode"]
         # a worker re-parses the command line and would not know the controller chose loadgroup
         if wi.get("hil_loadgroup"):
             config.option.loadgroup = True
     else:
-        run_id = time.strftime("%Y%m%d-%H%M%S-") + uuid.uuid4().hex[:6]
-        reports = Path(config.getoption("--hil-reports") or root / "reports").absolute()  # builds run in the rig's dir
-        run_dir = reports / "runs" / run_id
+        explicit = config.getoption("--hil-run-dir")
+        if explicit:
+            run_dir = Path(explicit).absolute()
+            run_id = run_dir.name
+        else:
+            run_id = new_run_id()
+            # (absolute: builds run in the rig's dir)
+            reports = Path(config.getoption("--hil-reports") or root / "reports").absolute()
+            run_dir = reports / "runs" / run_id
         owner = os.getpid()
+        mode = PRIVATE  # until the named rig is read (below): shared if it is physical or its rack is up
         # every slot's tests on one worker: group by cart
         if getattr(config.option, "dist", "no") == "load":
             config.option.dist = "loadgroup"
-    state = HilState(config, rig_path, run_id, run_dir, owner)
+    state = HilState(config, rig_path, run_id, run_dir, owner, mode)
     config.stash[STATE] = state
     if rig_opt:  # an explicitly named rig (and the selection on it) is validated before anything runs
         try:
@@ -82,6 +106,18 @@ def pytest_configure(config: pytest.Config) -> None:
         if not getattr(config.option, "help", False):
             _check_reports(config, run_dir)
         config.pluginmanager.register(ResultWriter(state), "cart-hil-results")
+        if rig_opt and not getattr(config.option, "help", False) and not config.option.collectonly:
+            from harness.isolation import SlotLockError
+
+            try:  # before any instrument is opened, before any worker starts
+                state.claim_rig(config.getoption("--lock-wait"))
+            except SlotLockError as exc:
+                _abort(config, str(exc))
+
+
+def new_run_id(prefix: str = "") -> str:
+    """A run id: sortable by start time, unique across runs started in the same second."""
+    return prefix + time.strftime("%Y%m%d-%H%M%S-") + uuid.uuid4().hex[:6]
 
 
 def _abort(config: pytest.Config, message: str) -> NoReturn:
@@ -148,6 +184,7 @@ def pytest_configure_node(node) -> None:  # xdist hook, controller side
     node.workerinput["hil_run_id"] = st.run_id
     node.workerinput["hil_run_dir"] = str(st.run_dir)
     node.workerinput["hil_owner_pid"] = str(st.owner_pid)
+    node.workerinput["hil_rig_mode"] = st.mode
     node.workerinput["hil_loadgroup"] = node.config.getoption("dist", "no") == "loadgroup"
 
 
@@ -180,17 +217,38 @@ def pytest_xdist_make_scheduler(config, log):  # xdist hook, controller side
 def pytest_unconfigure(config: pytest.Config) -> None:
     st: HilState | None = config.stash.get(STATE, None)
     if st is not None and not _is_worker(config):
-        st.stop_rack_if_ours()
+        try:
+            st.stop_rack_if_ours()
+        finally:
+            st.release_slots()
+
+
+PRIVATE, SHARED = "private", "shared"  # how a run uses its rig (HilState.mode)
 
 
 class HilState:
-    def __init__(self, config, rig_path: Path, run_id: str, run_dir: Path, owner_pid: int):
+    """What the processes of one run share: the rig the user named, the run's id and directory, and
+    how the run uses the rig (docs/interfaces.md, "Isolated runs"):
+
+    - PRIVATE (a virtual rig): the run's own copy, `<run dir>/rig.yaml`, its rack in `<run dir>/rack`
+      on free ports, started by the first process of the run that needs it and stopped by the controller
+      at the end (and by itself when the controller dies: it watches the controller's pid);
+    - SHARED (a physical rig, or a virtual rig named with --rig whose rack somebody keeps up): the rig as
+      named, its selected slots locked by the controller for the whole run (harness.isolation.SlotLocks).
+
+    `rig` is the rig as the user named it (selection, scheduling; its errors name the user's file);
+    `ensure_rack()` gives the rig the run's tests use."""
+
+    def __init__(self, config, rig_path: Path, run_id: str, run_dir: Path, owner_pid: int, mode: str = PRIVATE):
         self.config = config
         self.rig_path = rig_path
         self.run_id = run_id
         self.run_dir = run_dir
         self.owner_pid = owner_pid
+        self.mode = mode
         self._rig: Rig | None = None
+        self._run_rig: Rig | None = None
+        self._locks = None  # harness.isolation.SlotLocks held by the controller of a SHARED run
         self.unusable: str | None = None  # why the rig cannot be used, found while collecting
 
     @property
@@ -202,41 +260,93 @@ class HilState:
     def selected(self):
         return self.rig.select(self.config.getoption("--cart"), self.config.getoption("--tag"))
 
-    def ensure_rack(self) -> None:
-        """A virtual rig's rack is started once per run (by whichever process needs it first)."""
+    def claim_rig(self, lock_wait: float) -> None:
+        """Controller, a rig named with --rig: PRIVATE for a virtual rig whose rack is not up; else SHARED,
+        and the selected slots locked (waiting up to `lock_wait` s for a busy one; SlotLockError)."""
+        from harness.isolation import SlotLocks
+        from harness.rackctl import rack_state
+
         rig = self.rig
-        if not rig.is_virtual:
+        if rig.is_virtual and rack_state(rig) is None:
             return
+        self.mode = SHARED
+        locks = SlotLocks(rig, self.selected(), run_id=self.run_id)
+        locks.acquire(lock_wait, announce=lambda line: print(f"hil: {line}", file=sys.stderr, flush=True))
+        self._locks = locks
+
+    def release_slots(self) -> None:
+        if self._locks is not None:
+            self._locks.release()
+            self._locks = None
+
+    @property
+    def rack_dir(self) -> Path:
+        """The run's private rack dir (PRIVATE on a virtual rig)."""
+        from harness.isolation import PRIVATE_RACK_DIR
+
+        return self.run_dir / PRIVATE_RACK_DIR
+
+    def ensure_rack(self) -> Rig:
+        """The rig this run's tests use, its rack up. PRIVATE: the run's copy of the virtual rig, whose rack
+        the first process of the run to get here starts (under a lock in the run's rack dir; the others
+        then load the copy it wrote). SHARED: the rig as named (a shared virtual rack must still be up)."""
+        from harness.rackctl import RackStartError, rack_state
+
+        user = self.rig
+        if self.mode == SHARED:
+            if user.is_virtual and rack_state(user) is None:
+                raise RackStartError(f"{user.path}: virtual.run_dir: the rack this run shares in {user.run_dir} "
+                                     "is no longer up")
+            return user
+        if not user.is_virtual:
+            raise ConfigError(f"{user.path}: kind: physical: name a physical rig with --rig (a run locks the "
+                              "slots it uses)")
+        if self._run_rig is None:
+            try:
+                self._run_rig = self._private_rack(user)
+            except OSError as exc:  # the run's rack dir cannot be made or locked
+                raise RackStartError(f"{user.path}: cannot use this run's rack dir {self.rack_dir}: "
+                                     f"{exc.strerror or exc}") from None
+        return self._run_rig
+
+    def _private_rack(self, user: Rig) -> Rig:
         import fcntl
 
-        from harness.rackctl import check_run_dir, rack_state, start_rack
+        from harness.isolation import PRIVATE_RIG_FILE, start_private_rack
+        from harness.rackctl import RackStartError, rack_state
 
-        check_run_dir(rig)  # before the lock file: nothing goes into a directory that is not a rack's
-        rig.run_dir.mkdir(parents=True, exist_ok=True)
-        with open(rig.run_dir / ".rack.lock", "w") as lk:
+        self.rack_dir.mkdir(parents=True, exist_ok=True)
+        with open(self.rack_dir / ".rack.lock", "w") as lk:
             fcntl.flock(lk, fcntl.LOCK_EX)
-            if rack_state(rig) is None:
-                pid = start_rack(rig, owner_pid=self.owner_pid)
-                (rig.run_dir / "rack.owner").write_text(json.dumps({"pid": pid, "run_id": self.run_id}))
+            rig_file = self.run_dir / PRIVATE_RIG_FILE
+            if rig_file.exists():
+                private = Rig.load(rig_file)
+                live = rack_state(private)
+                if live is not None:
+                    if self._rack_owner().get("owner_pid") != self.owner_pid:
+                        raise RackStartError(f"{self.run_dir}: holds the private rack of another run (pid "
+                                             f"{live['pid']}): give each run its own run dir (--hil-run-dir)")
+                    return private
+            private, pid = start_private_rack(user, self.run_dir, owner_pid=self.owner_pid, note=f"run {self.run_id}")
+            (self.rack_dir / "rack.owner").write_text(json.dumps({"pid": pid, "run_id": self.run_id,
+                                                                   "owner_pid": self.owner_pid}))
+            return private
+
+    def _rack_owner(self) -> dict:
+        try:
+            owner = json.loads((self.rack_dir / "rack.owner").read_text())
+        except (OSError, ValueError):
+            return {}
+        return owner if isinstance(owner, dict) else {}
 
     def stop_rack_if_ours(self) -> None:
-        """Stop the virtual rack if a process of this run started it (workers start it lazily)."""
-        try:
-            rig = self.rig
-        except ConfigError:
-            return
-        if not rig.is_virtual:
-            return
-        owner_file = rig.run_dir / "rack.owner"
-        try:
-            owner = json.loads(owner_file.read_text())
-        except (OSError, ValueError):
-            return
-        if owner.get("run_id") == self.run_id:
+        """Stop the run's private rack, if a process of this run started one (whichever it was)."""
+        owner = self._rack_owner()
+        if owner.get("run_id") == self.run_id and owner.get("owner_pid") == self.owner_pid:
             from harness.rackctl import stop_rack
 
             stop_rack(int(owner["pid"]))
-            owner_file.unlink(missing_ok=True)
+            (self.rack_dir / "rack.owner").unlink(missing_ok=True)
 
 
 STATE = pytest.StashKey[HilState]()
@@ -281,13 +391,10 @@ def rig(request: pytest.FixtureRequest) -> Rig:
 
     st: HilState = request.config.stash[STATE]
     try:
-        r = st.rig
-        st.ensure_rack()
+        r = st.ensure_rack()  # a virtual rig: the run's private copy (or a shared rack that is up)
         r.preflight()
     except (ConfigError, RackStartError) as exc:
         _abort(request.config, str(exc))
-    except OSError as exc:  # the rack's run dir cannot be made or locked
-        _abort(request.config, f"{st.rig_path}: virtual.run_dir: cannot use {r.run_dir}: {exc.strerror or exc}")
     return r
 
 
@@ -305,7 +412,12 @@ def bench(rig: Rig, request: pytest.FixtureRequest):
 def cart(request: pytest.FixtureRequest, bench):
     """One cart of the rig, its console slice recorded for this test, safe state afterwards."""
     c = bench.cart(request.param)
-    c.ensure_usable()  # a quarantined cart fails at once with the reason it was quarantined
+    if c.quarantine_reason is not None:
+        # The cause was reported once, by the test during which it happened: the cart's later tests are
+        # not run, and say why in one line (a skip: the gate counts it as no pass).
+        pytest.skip(f"not run: {c.id} was quarantined during {c.quarantined_in or 'an earlier test'}: "
+                    f"{c.quarantine_reason}")
+    c.test = request.node.nodeid
     if c.id not in _DRIFTED:  # the configuration's RTC error, as deployed, once per session
         _DRIFTED.add(c.id)
         if c.config.clock.drift_s:
@@ -359,12 +471,51 @@ def firmware_builds(rig: Rig, request: pytest.FixtureRequest):
     return FirmwareBuilds(rig, st.run_dir / "firmware")
 
 
+@pytest.fixture(scope="session")
+def candidate(rig: Rig, firmware_builds, request: pytest.FixtureRequest):
+    """The release candidate the gate judges (harness.candidate): `--hil-firmware IMAGE`, `--hil-build
+    VERSION`, or the reference firmware's next release. Refused (the run ends, one line) if it is not
+    above every selected cart's field versions."""
+    from harness import candidate as hc
+    from harness.ota import FirmwareBuildError
+
+    st: HilState = request.config.stash[STATE]
+    slots = st.selected()
+    field = {s.cart_id: s.cart.firmware.versions_in_field for s in slots}
+    path, version = request.config.getoption("--hil-firmware"), request.config.getoption("--hil-build")
+    try:
+        if path:
+            c = hc.from_file(Path(path))
+        else:
+            c = hc.from_build(firmware_builds, version or hc.default_version([v for vs in field.values() for v in vs]))
+        hc.check_above_field(c, field)
+    except (ConfigError, FirmwareBuildError) as exc:
+        _abort(request.config, str(exc))
+    return c
+
+
+def _record_update(node: pytest.Item):
+    """Every update of a test, as the verdict reports it (harness.report): the version the cart ran before
+    the first one, and per update the version sent, the SHA-256 of the image sent and the rollbacks the
+    bootloader counted during it."""
+    def record(out, image: bytes | None) -> None:
+        props = node.user_properties
+        if not any(k == "firmware_from" for k, _ in props):
+            props.append(("firmware_from", out.before.slots.get(out.before.booted, {}).get("fw", "?")))
+        props.append(("firmware_to", out.target_version))
+        props.append(("image_sha256", hashlib.sha256(image).hexdigest() if image is not None else "-"))
+        if out.before.rollbacks is not None and out.after.rollbacks is not None:
+            props.append(("rollbacks", out.after.rollbacks - out.before.rollbacks))
+    return record
+
+
 @pytest.fixture
-def ota(cart, fleet, firmware_builds, lab_pki, rig: Rig):
+def ota(cart, fleet, firmware_builds, lab_pki, rig: Rig, request: pytest.FixtureRequest):
     """The OTA steps on this test's cart: `ota.image(version, faults=..., tamper=...)`, `ota.update(image)`."""
     from harness.ota import CartOta, Signer, release_hardware
 
     steps = CartOta(cart, fleet, firmware_builds, Signer(lab_pki), release_hardware(rig))
+    steps.on_outcome = _record_update(request.node)
     yield steps
     steps.close()  # a run the test left open (a deferred job): its execution canceled
     fleet.time.set_mode(cart.id, "normal")  # a test that made the time service misbehave for this cart

@@ -67,10 +67,14 @@ def start_rack(rig: Rig, *, owner_pid: int | None = None, timeout: float = 60.0)
     check_run_dir(rig)
     rig.run_dir.mkdir(parents=True, exist_ok=True)
     if rig.spec.virtual.pki is not None:
-        # the lab's CA admin work, done once: the rack's factory reads the root certificates
+        # the lab's CA admin work, done once: the rack's factory reads the root certificates. The PKI is
+        # shared by every run (LabPki.init locks it); made here first, so two runs' first inits cannot
+        # both find it missing and race to make it
         from harness.pki import LabPki
 
-        LabPki(rig.resolve(rig.spec.virtual.pki)).init()
+        pki_dir = rig.resolve(rig.spec.virtual.pki)
+        pki_dir.mkdir(parents=True, mode=0o700, exist_ok=True)
+        LabPki(pki_dir).init()
     log_path = rig.run_dir / "vrack.log"
     cmd = [sys.executable, "-m", "vrack", "up", str(rig.path)]
     if owner_pid:
@@ -96,6 +100,11 @@ def start_rack(rig: Rig, *, owner_pid: int | None = None, timeout: float = 60.0)
                     proc.wait(timeout=5)
                     raise RackStartError(_exit_cause(rig, proc.returncode, log_path, log_start))
                 buf += chunk
+    except BaseException:  # a timeout, or Ctrl-C / SIGTERM while it starts: no half-started rack left behind
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        raise
     finally:
         proc.stdout.close()
     line = buf.split(b"\n", 1)[0]

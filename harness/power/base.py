@@ -40,6 +40,20 @@ LOCK_DIR_ENV = "CART_HIL_LOCK_DIR"
 DEFAULT_LOCK_DIR = "/tmp/cart-hil-locks"
 
 
+def shared_dir(d: Path) -> None:
+    """Make `d` (and its parent) a directory every user of this machine can lock in: sticky, 1777 (a lab
+    machine is shared; a lock file another user cannot create is a run that cannot start)."""
+    if d.is_dir():
+        return
+    d.parent.parent.mkdir(parents=True, exist_ok=True)
+    for p in (d.parent, d):
+        try:
+            os.mkdir(p, 0o1777)
+        except FileExistsError:
+            continue
+        os.chmod(p, 0o1777)  # past the umask
+
+
 class PowerError(Exception):
     """Base of the power errors."""
 
@@ -223,7 +237,7 @@ class InstrumentLock:
 
     def _file(self) -> int:
         if self._fd is None:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
+            shared_dir(self.path.parent)
             self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)
         return self._fd
 
