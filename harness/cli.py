@@ -1,10 +1,14 @@
 """`hil`: the cart-hil command.
 
-    hil gate [--rig R] [--cart ID]... [--tag T]... [-n N]    release gate: smoke, signed update, rollback, flash faults,
-                                                             power cuts (reduced sweep; --sweep full: all of it),
-                                                             clock skew, CA rotation, rollout preflight
-    hil gate --self-check | --nightly                        the gate against each seeded fault build | everything,
-                                                             clock skew, CA rotation
+    hil gate [--firmware IMAGE | --build VERSION] [--rig R] [--cart ID]... [--tag T]... [-n N]
+                                                             the release gate of a candidate (default: the reference
+                                                             firmware's next release): smoke, the candidate from every
+                                                             field version and on to the next release, its negative
+                                                             matrix and rollback, signed update, rollback, flash faults,
+                                                             power cuts (reduced sweep), clock skew, CA rotation,
+                                                             rollout preflight; reports/<run-id>/ (verdict.json, HTML)
+    hil gate --quick | --self-check | --nightly              the fast gate | the gate against each seeded fault build |
+                                                             everything, with the full sweep and the self-check
     hil sweep [--rig R] [--cart ID]... [-n N] [--sweep M]     the power-cut suite alone, full sweep by default
     hil smoke [--rig R] [--cart ID]... [--tag T]... [-n N]   the rack smoke suite
     hil test [PYTEST ARGS]                                     lint + the project's own tests + the suites
@@ -14,6 +18,7 @@
                                                                  V/I per slot
     hil console SLOT [--rig R]                                 a cart's console, interactive (Ctrl-] exits), logged
     hil power SLOT on|off|cycle|measure [--rig R] [--off-s S]  a slot's supply output
+    hil repro INCIDENT.yaml [--rig R] [--slot N] [--field]     replay a field incident on one slot (docs/incidents.md)
     hil bench [--rig R] [--out FILE]                           latency and timing figures
     hil pki init|show [--dir D]                                the lab PKI (root CAs, signers)
 """
@@ -21,10 +26,14 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import os
+import shlex
+import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -34,170 +43,272 @@ ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_RIG = ROOT / "rigs" / "virtual.yaml"
 
 
-INTERRUPTED = 130  # the shell's status for a run ended by Ctrl-C (128 + SIGINT)
 WRAP_UP_S = 120.0   # how long an interrupted pytest may take to end its tests and write its reports
+STOP_S = 10.0       # how long a pytest stopped at once may take to go after SIGTERM, before SIGKILL
 
 
-def _pytest(args: list[str]) -> int:
-    """Run pytest; its exit status. Ctrl-C reaches pytest too (same process group): it ends the test in
-    progress, writes what it has (JUnit XML, results.jsonl) and stops the rack it started. Here we wait
-    for that, without a traceback, and a second Ctrl-C (or WRAP_UP_S) ends it for good."""
+@dataclasses.dataclass
+class PytestRun:
+    status: int                 # pytest's exit status; 128 + the signal's number when a signal ended the run
+    signal: int | None = None   # SIGINT or SIGTERM, if one interrupted the run
+    forced: bool = False        # stopped at once (a second signal, or WRAP_UP_S over): no teardown ran
+
+    @property
+    def signal_name(self) -> str | None:
+        return signal.Signals(self.signal).name if self.signal else None
+
+
+def _pytest(args: list[str], *, progress: bool = False) -> PytestRun:
+    """Run pytest in a process group of its own, and wait for it.
+
+    Ctrl-C (SIGINT) and SIGTERM — a CI runner cancelling the job, `timeout` — are `hil`'s to handle: it passes
+    SIGINT to pytest's group, and pytest ends the test in progress, writes its reports and powers down the rack
+    it started. A second signal, or WRAP_UP_S without an end, stops it at once (SIGTERM, then SIGKILL). One line
+    says so when the signal comes — from `hil`, or, on a terminal with the live progress block, as the block's
+    last line (a line from here would land inside the block being redrawn)."""
     cmd = [sys.executable, "-m", "pytest", *args]
     print("+", " ".join(cmd), flush=True)
-    proc = subprocess.Popen(cmd, cwd=ROOT)
+    wake = threading.Event()
+    signals: list[int] = []
+
+    def on_signal(signum: int, _frame) -> None:
+        signals.append(signum)
+        wake.set()
+
+    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
-        return proc.wait()
-    except KeyboardInterrupt:
-        print("\nhil: interrupted — letting the run write its reports and power the rack down "
-              "(Ctrl-C again to stop at once)", file=sys.stderr, flush=True)
-        try:
-            proc.wait(timeout=WRAP_UP_S)
-        except (KeyboardInterrupt, subprocess.TimeoutExpired):
-            proc.terminate()
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-        return INTERRUPTED
+        proc = subprocess.Popen(cmd, cwd=ROOT, process_group=0)
+        threading.Thread(target=lambda: (proc.wait(), wake.set()), daemon=True).start()
+        seen, deadline, forced = 0, None, False
+        while proc.poll() is None:
+            wake.wait(None if deadline is None else max(0.0, deadline - time.monotonic()))
+            wake.clear()
+            if proc.poll() is not None:
+                break
+            if len(signals) > seen:
+                seen = len(signals)
+                if seen == 1:
+                    name = signal.Signals(signals[0]).name
+                    if not (progress and sys.stdout.isatty()):
+                        again = "Ctrl-C" if signals[0] == signal.SIGINT else name
+                        print(f"\nhil: {name} — ending the tests in progress, powering the rack down, writing the "
+                              f"reports ({again} again to stop at once)", file=sys.stderr, flush=True)
+                    _signal_group(proc, signal.SIGINT)
+                    deadline = time.monotonic() + WRAP_UP_S
+                    continue
+            elif deadline is None or time.monotonic() < deadline:
+                continue
+            forced = True
+            _stop_at_once(proc)
+        return PytestRun(128 + signals[0] if signals else proc.returncode, signals[0] if signals else None, forced)
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
+def _signal_group(proc: subprocess.Popen, sig: int) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, sig)
+
+
+def _stop_at_once(proc: subprocess.Popen) -> None:
+    _signal_group(proc, signal.SIGTERM)
+    try:
+        proc.wait(timeout=STOP_S)
+    except subprocess.TimeoutExpired:
+        _signal_group(proc, signal.SIGKILL)
+        proc.wait()
 
 
 SUITES = {
     "smoke": ["test_suites/test_rack_smoke.py"],
-    "gate": ["test_suites/test_rack_smoke.py", "test_suites/test_signed_update.py", "test_suites/test_rollback.py",
-             "test_suites/test_flash_faults.py", "test_suites/test_power_cut.py", "test_suites/test_clock_skew.py",
-             "test_suites/test_ca_rotation.py"],
+    "gate": ["test_suites/test_rack_smoke.py", "test_suites/test_release.py", "test_suites/test_signed_update.py",
+             "test_suites/test_rollback.py", "test_suites/test_flash_faults.py", "test_suites/test_power_cut.py",
+             "test_suites/test_clock_skew.py", "test_suites/test_ca_rotation.py"],
+    # `hil gate --quick`: may this candidate go to canary, fast — every cart from its field versions to the
+    # candidate and on to the next release, the negative matrix and the rollback of a broken build, and a power
+    # cut at every boot-control write
+    "quick": ["test_suites/test_rack_smoke.py", "test_suites/test_release.py", "test_suites/test_power_cut.py"],
     "sweep": ["test_suites/test_power_cut.py"],
 }
 
 
 def cmd_smoke(a: argparse.Namespace) -> int:
-    from harness.plugin import dir_write_problem
+    """`hil gate|smoke|sweep`: one directory per run, reports/<run-id>/ (reports/latest points at it), with
+    verdict.json, junit.xml and matrix.svg written as results happen (harness.report), the Allure results,
+    results.jsonl, the consoles, preflight.json (the gate) and the HTML report; live progress per cart while it
+    runs (harness.progress); the matrix and the verdict at the end."""
+    from harness import report
+    from harness.plugin import dir_write_problem, new_run_id
 
-    rig = Rig.load(a.rig)
+    rig = Rig.load(a.rig or DEFAULT_RIG)
     slots = rig.select(a.cart, a.tag)
     n = a.workers or max(1, len(slots))
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    out = ROOT / "reports" / a.cmd / stamp
+    out = ROOT / "reports" / new_run_id(f"{a.cmd}-")
     why = dir_write_problem(out)
     if why:  # before anything runs: a gate whose reports cannot be written has no verdict to give
         return _refuse(f"cannot write reports in {out}: {why}")
+    _point_latest(out)
     self_check, nightly = getattr(a, "self_check", False), getattr(a, "nightly", False)
-    sweep = "full" if nightly else a.sweep
-    args = [*SUITES[a.cmd], "--rig", str(rig.path), "-n", str(n),
-            f"--junitxml={out / 'junit.xml'}", f"--alluredir={out / 'allure-results'}", "-q",
+    quick = getattr(a, "quick", False)
+    sweep = "full" if nightly else ("quick" if quick and a.sweep == "reduced" else a.sweep)
+    # --rig only when given: the default virtual rig is then private to this run (its own rack and ports), so two
+    # gates run at once; a named rig whose rack an engineer keeps up is shared, its slots locked
+    rig_args = ["--rig", str(rig.path)] if a.rig else []
+    args = [*SUITES["quick" if quick else a.cmd], *rig_args, "-n", str(n), f"--hil-run-dir={out}",
+            f"--alluredir={out / 'allure-results'}", "-p", "harness.report", "-p", "harness.progress",
+            "-q", "-o", "console_output_style=classic",  # the progress lines say per cart what pytest's dots say
             "-p", "no:hypothesispytest",  # a dev-only plugin the suites never use
             "--sweep", sweep]
     if a.cmd == "gate" and not nightly:
         # the fault builds test the gate, not the release: the release's gate leaves them out
         args += ["-m", "hil_self_check" if self_check else "not hil_self_check"]
+    if getattr(a, "firmware", None):
+        args += ["--hil-firmware", str(a.firmware.absolute())]
+    if getattr(a, "build", None):
+        args += ["--hil-build", a.build]
     for c in a.cart:
         args += ["--cart", c]
     for t in a.tag:
         args += ["--tag", t]
-    rc = _pytest(args + a.pytest_args)
-    tally = junit_tally(out / "junit.xml")
-    if rc == INTERRUPTED:
-        so_far = "no JUnit XML written" if tally.missing else f"{tally.summary()} so far"
-        print(f"hil {a.cmd}: INTERRUPTED — no verdict ({so_far}); reports in {out}")
-        return rc
-    unearned = tally.unearned()
-    if unearned:  # a selection that ran nothing, or skipped a scenario, has not shown anything passes
-        print(f"hil {a.cmd}: {unearned}")
-        rc = rc or 1
-    if self_check or nightly:
+    run = _pytest(args + a.pytest_args, progress=True)
+    if run.forced:
+        _outputs_off(rig, slots)
+    v = report.load(out)
+    if v is None:
+        print(f"hil {a.cmd}: {'INTERRUPTED' if run.signal else 'FAIL'} — no verdict.json was written "
+              f"(pytest exit status {run.status}): no verdict; reports in {out}")
+        return run.status or 1
+    command = {"command": shlex.join(["hil", *a.argv])}
+    if run.signal and v.get("status") != "finished":
+        v = report.finalize(out, v, signal=run.signal_name, extra=command)
+        print(f"hil {a.cmd}: INTERRUPTED — {v['why']}; reports in {out}")
+        return run.status
+    with _signals_interrupt() as caught:
+        try:
+            if run.signal:  # it came as the tests ended by themselves
+                caught.name, caught.number = run.signal_name, run.signal
+                raise KeyboardInterrupt
+            return _conclude(a, rig, slots, out, dict(v, **command), run, self_check or nightly)
+        except KeyboardInterrupt:  # Ctrl-C or SIGTERM after the tests: the gate's own checks were cut short
+            v = dict(v, status="interrupted", interrupted={"tests": [], "during": "the checks after the tests"})
+            v = report.finalize(out, v, signal=caught.name, extra=command)
+            print(f"\nhil {a.cmd}: INTERRUPTED — {v['why']}; reports in {out}")
+            return 128 + caught.number
+
+
+def _conclude(a: argparse.Namespace, rig: Rig, slots, out: Path, v: dict, run: PytestRun, checks: bool) -> int:
+    """After the tests: the gate's own checks, the verdict, the matrix, the HTML report and the verdict line."""
+    from harness import report
+
+    also = []
+    if checks:
         print("self-check of the gate (each seeded fault build must be caught, for its own reason):")
-        for line in tally.self_check_lines():
+        lines = report.self_check_lines(v)
+        for line in lines:
             print(f"  {line}")
-        if not tally.checks:
+        if not lines:
             print("  (no self-check ran)")
-            rc = rc or 1
-    if a.cmd == "gate" and not self_check and not _gate_preflight(rig, slots, out):
-        rc = rc or 1
-    print(f"hil {a.cmd}: {'PASS' if rc == 0 else 'FAIL'} ({len(slots)} carts on {rig.name}; {tally.summary()}); "
-          f"reports in {out}")
-    return rc
+            also.append("no self-check ran")
+    if a.cmd == "gate" and not getattr(a, "self_check", False) and v.get("status") == "finished" \
+            and not _gate_preflight(rig, slots, out, a):
+        also.append("rollout preflight: some configuration no signed release reaches (preflight.json)")
+    v = report.finalize(out, v, also=also)
+    print()
+    print(report.Matrix(v).text())
+    bad = report.failing_lines(v)
+    if bad:
+        print("\n".join(["", "not passed:", *(f"  {line}" for line in bad)]))
+    skipped_checks = report.checks_not_run(v)
+    if skipped_checks:
+        print("\n".join(["", "checks not run on this rig:", *(f"  {line}" for line in skipped_checks)]))
+    print()
+    print(f"verdict.json, junit.xml, matrix.svg: {out}")
+    print(report.generate_html(out, v)[1])
+    if v["verdict"] != "PASS":
+        print(f"hil {a.cmd}: {v['why']}")
+    print(f"hil {a.cmd}: {v['verdict']} ({len(slots)} carts on {rig.name}; {report.summary(v)}); reports in {out}")
+    return 0 if v["verdict"] == "PASS" else run.status or 1
 
 
 @dataclasses.dataclass
-class Tally:
-    """What a run's JUnit XML says: scenarios per cart and how each ended."""
-
-    per_cart: dict[str, int] = dataclasses.field(default_factory=dict)
-    checks: list[tuple[str, str, bool, str]] = dataclasses.field(default_factory=list)  # build, cart, caught, why
-    passed: int = 0
-    failed: int = 0
-    skipped: list[str] = dataclasses.field(default_factory=list)
-    missing: bool = False
-
-    def unearned(self) -> str | None:
-        """Why a run without failures is still no PASS, or None."""
-        if self.missing:
-            return "no JUnit XML was written: no verdict"
-        if not self.passed and not self.failed:
-            return "nothing ran (no scenario matched the selection): no verdict"
-        if self.skipped:
-            more = f" and {len(self.skipped) - 3} more" if len(self.skipped) > 3 else ""
-            return (f"{len(self.skipped)} scenario(s) skipped — a skipped scenario is not a pass: "
-                    f"{', '.join(self.skipped[:3])}{more}")
-        return None
-
-    def self_check_lines(self) -> list[str]:
-        """One line per seeded fault build and cart: caught (and the reason the gate gave) or MISSED."""
-        return [f"{'caught' if ok else 'MISSED'}  {build:28s} {cart:10s} {why}"
-                for build, cart, ok, why in sorted(self.checks)]
-
-    def summary(self) -> str:
-        carts = ", ".join(f"{c} {n}" for c, n in sorted(self.per_cart.items()))
-        return (f"{self.passed} passed, {self.failed} failed, {len(self.skipped)} skipped"
-                + (f"; scenarios per cart: {carts}" if carts else ""))
+class _Caught:
+    name: str = "SIGINT"
+    number: int = signal.SIGINT
 
 
-def junit_tally(path: Path) -> Tally:
-    """Count a JUnit XML's test cases by outcome and by cart (the `cart` property the plugin records on
-    every test of a cart). A teardown error is reported by pytest as a second entry of the same case: counted once."""
-    import xml.etree.ElementTree as ET
+@contextlib.contextmanager
+def _signals_interrupt():
+    """SIGTERM as well as Ctrl-C raises KeyboardInterrupt in here; which one came is in the value yielded."""
+    caught = _Caught()
 
+    def on_signal(signum: int, _frame) -> None:
+        caught.name, caught.number = signal.Signals(signum).name, signum
+        raise KeyboardInterrupt
+
+    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
-        root = ET.parse(path).getroot()
-    except (OSError, ET.ParseError):
-        return Tally(missing=True)
-    tally = Tally()
-    seen: set[str] = set()
-    for case in root.iter("testcase"):
-        name = f"{case.get('classname', '')}::{case.get('name', '')}"
-        if name in seen:
-            continue
-        seen.add(name)
-        props = {p.get("name"): p.get("value", "") for p in case.iterfind("properties/property")}
-        cart = props.get("cart")  # the plugin's user properties
-        bad = case.find("failure") if case.find("failure") is not None else case.find("error")
-        if case.find("skipped") is not None:
-            tally.skipped.append(case.get("name", name))
-        elif bad is not None:
-            tally.failed += 1
-        else:
-            tally.passed += 1
-        if "fault_build" in props and case.find("skipped") is None:
-            why = props.get("caught", "") if bad is None else ((bad.get("message") or "").splitlines() or [""])[0][:300]
-            tally.checks.append((props["fault_build"], cart or "-", bad is None, why))
-        if cart:
-            tally.per_cart[cart] = tally.per_cart.get(cart, 0) + 1
-    return tally
+        yield caught
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
 
 
-def _gate_preflight(rig: Rig, slots, out: Path) -> bool:
-    """The rollout preflight of the release the gate tested, signed under each root the selected carts
+def _point_latest(run_dir: Path) -> None:
+    """reports/latest -> the newest run (replaced in one rename; a `latest` that is not a link is left alone)."""
+    latest = run_dir.parent / "latest"
+    if os.path.lexists(latest) and not latest.is_symlink():
+        return
+    tmp = run_dir.parent / f".latest-{os.getpid()}"
+    with contextlib.suppress(OSError):
+        os.symlink(run_dir.name, tmp)
+        os.replace(tmp, latest)
+
+
+def _outputs_off(rig: Rig, slots) -> None:
+    """After a run stopped at once (its teardowns did not run): the selected slots' supply outputs off, as the
+    teardowns would have left them. A virtual rig's rack that the run started itself goes with the run."""
+    if rig.is_virtual:
+        from harness.rackctl import rack_state
+
+        if rack_state(rig) is None:
+            return
+    from harness.power import open_supply
+
+    channels: dict[str, list[int]] = {}
+    for s in slots:
+        channels.setdefault(s.supply.name, []).append(s.channel)
+    for name, chans in channels.items():
+        spec = rig.supply(name)
+        try:
+            supply = open_supply(spec.name, spec.resource, spec.dialect, spec.channels, timeout_ms=spec.timeout_ms,
+                                 model=spec.model)
+            try:
+                supply.safe_state(chans)
+            finally:
+                supply.close()
+        except Exception as exc:  # every supply is tried; the one that failed is named
+            print(f"hil: {name} ({spec.resource}): channels {chans} may still be on: "
+                  f"{(str(exc).splitlines() or [''])[0]}", file=sys.stderr)
+
+
+def _gate_preflight(rig: Rig, slots, out: Path, a: argparse.Namespace) -> bool:
+    """The rollout preflight of the candidate the gate tested, signed under each root the selected carts
     were provisioned with: which configurations each signing reaches (`preflight.json`). False if some
     configuration no signing reaches (no release could ever update it: the CA-rotation deadlock)."""
     import json
 
-    from harness.ota import FirmwareBuilds, Signer, bump, open_lab_pki, release_hardware
+    from harness import candidate as hc
+    from harness.ota import FirmwareBuilds, Signer, open_lab_pki, release_hardware
     from harness.rollout import configurations_of, rollout_plan
 
     configs = configurations_of(rig, slots)
-    version = bump(max((s.cart.firmware.initial_version for s in slots), key=_version_key), minor=1)
-    unsigned = FirmwareBuilds(rig, out / "preflight").build(version)
+    if a.firmware:
+        cand = hc.from_file(a.firmware)
+    else:
+        field = [v for s in slots for v in s.cart.firmware.versions_in_field]
+        cand = hc.from_build(FirmwareBuilds(rig, out / "preflight"), a.build or hc.default_version(field))
+    version, unsigned = cand.version, cand.unsigned
     signer = Signer(open_lab_pki(rig))
     roots = sorted({ca for c in configs for ca in c.cas})
     images = {root: signer.sign(unsigned, hardware=release_hardware(rig), ca=root) for root in roots}
@@ -216,10 +327,6 @@ def _gate_preflight(rig: Rig, slots, out: Path) -> bool:
     return not unreachable
 
 
-def _version_key(v: str) -> tuple[int, ...]:
-    return tuple(int(x) for x in v.split("-", 1)[0].split("."))
-
-
 def cmd_test(a: argparse.Namespace) -> int:
     print("+ ruff check .", flush=True)
     rc = subprocess.call([sys.executable, "-m", "ruff", "check", "."], cwd=ROOT)
@@ -228,7 +335,10 @@ def cmd_test(a: argparse.Namespace) -> int:
     # one worker per cart of the virtual rig: the suites wait on devices (boots, flash, the trial window),
     # not on the CPU, and every cart's tests run in order on one worker
     workers = os.environ.get("HIL_TEST_WORKERS", "10")
-    return _pytest(["tests", "test_suites", "-n", workers, "-q", "--timeout=600", *a.pytest_args])
+    run = _pytest(["tests", "test_suites", "-n", workers, "-q", "--timeout=600", *a.pytest_args])
+    if run.signal:
+        print(f"hil test: INTERRUPTED by {run.signal_name}")
+    return run.status
 
 
 def cmd_rig_check(a: argparse.Namespace) -> int:
@@ -268,15 +378,23 @@ def main(argv: list[str] | None = None) -> int:
             ("sweep", "the power-cut suite alone (test_suites/test_power_cut.py): the full sweep by default",
              "full")):
         s = sub.add_parser(name, help=text)
-        s.add_argument("--rig", type=Path, default=DEFAULT_RIG)
+        s.add_argument("--rig", type=Path, default=None,
+                       help="rig file (default: rigs/virtual.yaml, with a rack private to this run)")
         s.add_argument("--cart", action="append", default=[])
         s.add_argument("--tag", action="append", default=[])
         s.add_argument("-n", "--workers", type=int, default=0, help="parallel workers (default: one per cart)")
-        s.add_argument("--sweep", choices=["reduced", "full"], default=sweep,
-                       help=f"power-cut sweep: reduced (every 5th event, every write of boot control, device state "
-                            f"or trust store, 2 random cuts) "
+        s.add_argument("--sweep", choices=["quick", "reduced", "full"], default=sweep,
+                       help=f"power-cut sweep: quick (every boot-control write), reduced (every 5th event, every "
+                            f"write of boot control, device state or trust store, 2 random cuts) "
                             f"or full (every event, 10 random cuts); default {sweep}")
         if name == "gate":
+            cand = s.add_mutually_exclusive_group()
+            cand.add_argument("--firmware", type=Path, metavar="IMAGE",
+                              help="the release candidate: a firmware image (the build, before signing; the lab "
+                                   "signs it for each cart)")
+            cand.add_argument("--build", metavar="VERSION",
+                              help="the release candidate: this version, made by the rig's firmware.build command "
+                                   "(default on a rig that builds: the reference firmware's next release)")
             mode = s.add_mutually_exclusive_group()
             mode.add_argument("--self-check", action="store_true",
                               help="check the gate itself: run it against each seeded fault build and print "
@@ -284,6 +402,9 @@ def main(argv: list[str] | None = None) -> int:
                                    "scenarios)")
             mode.add_argument("--nightly", action="store_true",
                               help="everything: the release's scenarios with the full sweep, and the self-check")
+            mode.add_argument("--quick", action="store_true",
+                              help="the fast gate: smoke, the candidate's release scenarios and a power cut at "
+                                   "every boot-control write")
         s.add_argument("pytest_args", nargs=argparse.REMAINDER)
         s.set_defaults(fn=cmd_smoke)
 
@@ -322,11 +443,14 @@ def main(argv: list[str] | None = None) -> int:
 
     from harness.benchcmd import add_cli as add_bench_cli
     from harness.pki import add_cli as add_pki_cli
+    from harness.repro import add_cli as add_repro_cli
 
     add_bench_cli(sub)   # hil rack up|down|status, hil console SLOT, hil power SLOT ...
+    add_repro_cli(sub)   # hil repro INCIDENT.yaml
     add_pki_cli(sub)
 
     a = ap.parse_args(argv)
+    a.argv = list(sys.argv[1:] if argv is None else argv)  # (verdict.json says what was run)
     if getattr(a, "pytest_args", None) and a.pytest_args[:1] == ["--"]:
         a.pytest_args = a.pytest_args[1:]
     from harness.rackctl import RackStartError

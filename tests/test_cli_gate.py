@@ -1,119 +1,214 @@
-"""The gate's verdict is earned: it reads the run's JUnit XML, and a run that ran nothing or skipped a
-scenario is no PASS (issue: `hil gate --tag <none>` used to skip everything and print PASS)."""
+"""The gate's verdict is earned: it judges the run's record (harness.report, verdict.json), in which a teardown
+error is part of its test, a run that ran nothing or skipped a scenario is no PASS (issue: `hil gate --tag <none>`
+used to skip everything and print PASS), and a run ended by Ctrl-C or SIGTERM says which test it cut short,
+leaves the supply outputs off and stops its rack."""
 
 from __future__ import annotations
 
+import json
+import os
+import shutil
+import signal
 import subprocess
 import sys
-import textwrap
+import time
+import xml.etree.ElementTree as ET
+from pathlib import Path
 
-from harness.cli import junit_tally
+import pytest
 
-SUITE = textwrap.dedent('''
-    import pytest
+from harness import report
 
-    @pytest.fixture
-    def cart(request):
-        request.node.user_properties.append(("cart", request.param))
-        return request.param
+ROOT = Path(__file__).resolve().parent.parent
 
-    @pytest.mark.parametrize("cart", ["cart-01", "cart-02"], indirect=True)
-    def test_runs(cart):
-        pass
+SUITE = '''
+import pytest
 
-    @pytest.mark.parametrize("cart", ["cart-01"], indirect=True)
-    def test_skips(cart):
+@pytest.fixture
+def cart(request):  # the plugin parametrizes `cart` over the rig's slots; nothing here needs the rack
+    return request.param
+
+def test_runs(cart):
+    pass
+
+def test_skips(cart):
+    if cart == "cart-01":
         pytest.skip("the rig cannot do this")
 
-    @pytest.fixture
-    def breaks_after():
-        yield
-        raise RuntimeError("teardown")
+@pytest.fixture
+def breaks_after():
+    yield
+    raise RuntimeError("teardown")
 
-    def test_teardown_error(breaks_after):
-        pass
+def test_teardown_error(cart, breaks_after):
+    pass
 
-    @pytest.fixture
-    def build(request):
-        request.node.user_properties.append(("fault_build", request.param))
-        return request.param
+@pytest.mark.hil_self_check("caught_build")
+def test_self_check_caught(cart, self_check):
+    self_check.caught("cart-01: crash loop: crashed 3 times")
 
-    @pytest.mark.parametrize("build", ["caught_build"], indirect=True)
-    def test_self_check_caught(build, record_property):
-        record_property("caught", "cart-01: crash loop: crashed 3 times")
-
-    @pytest.mark.parametrize("build", ["missed_build"], indirect=True)
-    def test_self_check_missed(build):
-        assert False, "the fault build went through: confirmed"
-''')
+@pytest.mark.hil_self_check("missed_build")
+def test_self_check_missed(cart):
+    assert False, "the fault build went through: confirmed"
+'''
 
 
-def junit(tmp_path, *args):
-    (tmp_path / "test_gate_like.py").write_text(SUITE)
-    out = tmp_path / "junit.xml"
-    subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:cart_hil",
-                    "-p", "no:hypothesispytest", f"--junitxml={out}", "test_gate_like.py", *args],
-                   cwd=tmp_path, capture_output=True, check=False)
-    return junit_tally(out)
+def record(pytester, rig_factory, *args) -> tuple[dict, Path]:
+    """Run the gate-like suite on a two-cart rig with the report plugin; its verdict.json and run dir."""
+    rig = rig_factory(["cart-01", "cart-02"])
+    pytester.makepyfile(test_gate_like=SUITE)
+    run = pytester.path / "run"
+    pytester.runpytest_subprocess("-p", "harness.report", "--rig", str(rig), f"--hil-run-dir={run}",
+                                  "-p", "no:cacheprovider", *args)
+    v = report.load(run)
+    assert v is not None, f"no verdict.json in {run}"
+    return v, run
 
 
-def test_a_skip_is_no_pass_and_a_teardown_error_is_one_failure(tmp_path):
-    tally = junit(tmp_path, "-k", "not self_check")
-    assert (tally.passed, tally.failed, tally.skipped) == (2, 1, ["test_skips[cart-01]"])
-    assert tally.per_cart == {"cart-01": 2, "cart-02": 1}
-    assert tally.unearned().startswith("1 scenario(s) skipped — a skipped scenario is not a pass")
-    assert "scenarios per cart: cart-01 2, cart-02 1" in tally.summary()
+def test_a_teardown_error_is_one_failing_case_in_the_record_and_in_junit(pytester, rig_factory):
+    v, run = record(pytester, rig_factory, "-k", "not self_check")
+    assert report.summary(v) == "3 passed, 0 failed, 1 skipped, 2 error(s); scenarios per cart: cart-01 3, cart-02 3"
+    broken = [r for r in v["results"] if r["scenario"].endswith("test_gate_like.py::test_teardown_error")]
+    assert [(r["configuration"], r["outcome"], r["cause"]) for r in broken] == \
+        [(c, "error", "teardown: RuntimeError: teardown") for c in ("cart-01", "cart-02")]
+    cases = ET.parse(run / "junit.xml").getroot().findall("testsuite/testcase")
+    names = [c.get("name") for c in cases]
+    assert sorted(names) == sorted(set(names)) and len(names) == 6, names  # one case per test, no second entry
+    errors = [c.find("error").get("message") for c in cases if c.find("error") is not None]
+    assert errors == ["teardown: RuntimeError: teardown"] * 2
+    assert report.judge(v) == ("FAIL", "2 failed: cart-01 gate_like::teardown_error: teardown: RuntimeError: teardown "
+                                       "(and 1 more)")
 
 
-def test_a_selection_that_runs_nothing_is_no_verdict(tmp_path):
-    assert junit(tmp_path, "-k", "no_such_test").unearned() == \
-        "nothing ran (no scenario matched the selection): no verdict"
+def test_a_skip_is_no_pass(pytester, rig_factory):
+    v, _ = record(pytester, rig_factory, "-k", "runs or skips")
+    assert report.judge(v) == ("FAIL", "1 scenario(s) skipped — a skipped scenario is not a pass: test_skips[cart-01]")
 
 
-def test_self_check_lines_say_caught_with_the_gates_reason_or_missed(tmp_path):
-    lines = junit(tmp_path, "-k", "self_check").self_check_lines()
-    assert len(lines) == 2
-    assert lines[0].split()[:2] == ["caught", "caught_build"] and "crash loop: crashed 3 times" in lines[0]
-    assert lines[1].split()[:2] == ["MISSED", "missed_build"] and "the fault build went through" in lines[1]
+def test_a_selection_that_runs_nothing_is_no_verdict(pytester, rig_factory):
+    v, _ = record(pytester, rig_factory, "-k", "no_such_test")
+    assert report.judge(v) == ("FAIL", "nothing ran (no scenario matched the selection): no verdict")
 
 
-def test_all_passed_is_earned(tmp_path):
-    tally = junit(tmp_path, "-k", "test_runs")
-    assert tally.unearned() is None and tally.passed == 2
+def test_self_check_lines_say_caught_with_the_gates_reason_or_missed(pytester, rig_factory):
+    v, _ = record(pytester, rig_factory, "-k", "self_check")
+    lines = report.self_check_lines(v)
+    assert len(lines) == 2  # on cart-01 only: both carts are rev-b, one cart per hardware revision
+    assert lines[0].split()[:3] == ["caught", "caught_build", "cart-01"] and "crash loop: crashed 3 times" in lines[0]
+    assert lines[1].split()[:3] == ["MISSED", "missed_build", "cart-01"] and "the fault build went through" in lines[1]
 
 
-def test_no_junit_xml_is_no_verdict(tmp_path):
-    assert junit_tally(tmp_path / "missing.xml").unearned() == "no JUnit XML was written: no verdict"
+def test_all_passed_is_earned_and_the_gates_own_failed_checks_stand_against_it(pytester, rig_factory):
+    v, _ = record(pytester, rig_factory, "-k", "test_runs")
+    assert report.judge(v) == ("PASS", "2 scenario run(s) passed on 2 configuration(s)")
+    assert report.judge(v, ["rollout preflight: cart-09 unreachable"]) == \
+        ("FAIL", "rollout preflight: cart-09 unreachable")
 
 
-def test_ctrl_c_ends_the_run_with_its_reports_one_line_and_nothing_left(rig_factory, tmp_path):
-    """Ctrl-C at a terminal reaches `hil` and pytest alike (one process group): the run stops, writes its
-    JUnit XML, powers its rack down, and `hil` says INTERRUPTED in one line, exit 130, no traceback."""
-    import os
-    import re
-    import signal
-    import time
-    from pathlib import Path
+def test_a_run_that_never_recorded_its_end_is_no_verdict():
+    v = {"status": "running", "results": [{"configuration": "cart-01", "scenario": "t.py::test_a", "test": "t",
+                                           "outcome": "passed"}]}
+    assert report.judge(v) == ("FAIL", "the test run ended without recording its end (crashed or killed): no verdict")
 
-    run = tmp_path / "run"
-    virtual = {"run_dir": str(run), "flash_time_scale": 0.05, "pki": str(tmp_path / "pki")}
+
+# ---------------------------------------------------------------- interrupted runs, for real
+
+
+def _start_sweep(rig_factory, tmp_path) -> tuple[subprocess.Popen, Path]:
+    rx = tmp_path / "supply-rx.log"
+    virtual = {"run_dir": str(tmp_path / "run"), "flash_time_scale": 0.05, "pki": str(tmp_path / "pki"),
+               "supply_rx_log": str(rx)}
     rig = rig_factory(["cart-01"], virtual=virtual,
                       firmware={"build": ["{python}", "-m", "vrack", "build", "--version", "{version}", "-o", "{out}",
                                           "{faults}"]})
     proc = subprocess.Popen([sys.executable, "-m", "harness.cli", "sweep", "--rig", str(rig), "-n", "1"],
-                            cwd=Path(__file__).resolve().parent.parent, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)
-    deadline = time.monotonic() + 60
-    while not list(run.glob("logs/*")):  # the rack has powered a cart on: the sweep has begun
-        assert time.monotonic() < deadline and proc.poll() is None, "the sweep never reached a cart"
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    return proc, rx
+
+
+def _supply_lines(tmp_path: Path, reports: Path) -> list[str]:
+    """What the cart's supply (psu-k, an R&S NGP804: cart-01 on channel 1) received, from the RX log the rig
+    names (or the run's private copy of it, when the run got a private rack)."""
+    logs = [tmp_path / "supply-rx.log", *reports.glob("**/supply-rx.log")]
+    return [ln.split(" RX psu-k ", 1)[1] for p in logs if p.exists() for ln in p.read_text().splitlines()
+            if " RX psu-k " in ln]
+
+
+def _wait_until_the_sweep_powers_its_cart(proc: subprocess.Popen, tmp_path: Path) -> tuple[Path, str]:
+    """Polls (deadline 120 s) until the sweep test is in progress and has switched its cart's output on."""
+    deadline = time.monotonic() + 120
+    while True:
+        assert proc.poll() is None, f"hil ended first: {proc.communicate()}"
+        assert time.monotonic() < deadline, "the sweep never powered its cart"
+        runs = sorted((ROOT / "reports").glob("sweep-*/verdict.json"), key=lambda p: p.stat().st_mtime)
+        for path in runs[-3:]:
+            try:
+                v = json.loads(path.read_text())
+            except ValueError:  # (never half-written: replaced whole; a run of another test may be starting)
+                continue
+            if str(tmp_path) in v.get("rig", {}).get("path", "") and v["running"] \
+                    and "OUTP:SEL ON" in _supply_lines(tmp_path, path.parent):
+                return path.parent, v["running"][0]
         time.sleep(0.2)
-    time.sleep(3.0)  # well inside the sweep (a minute or more on one cart)
-    os.killpg(proc.pid, signal.SIGINT)
-    out, err = proc.communicate(timeout=150)
-    assert proc.returncode == 130, (proc.returncode, out[-2000:], err[-2000:])
+
+
+def _assert_interrupted(proc, out: str, err: str, reports: Path, test: str, sig: signal.Signals,
+                        tmp_path: Path) -> None:
+    assert proc.returncode == 128 + sig, (proc.returncode, out[-2000:], err[-2000:])
     assert "Traceback" not in err, err[-3000:]
-    line = next(x for x in out.splitlines() if x.startswith("hil sweep: INTERRUPTED — no verdict"))
-    reports = Path(re.search(r"reports in (\S+)$", line).group(1))
-    assert (reports / "junit.xml").exists(), line
-    left = subprocess.run(["pgrep", "-f", str(run)], capture_output=True, text=True).stdout.split()
-    assert not left, f"processes of the interrupted run still running: {left}"
+    lines = [x for x in out.splitlines() if x.startswith("hil sweep: ")]
+    assert len(lines) == 1, out[-3000:]
+    assert lines[0].startswith(f"hil sweep: INTERRUPTED — no verdict: interrupted by {sig.name} during cart-01 "
+                               f"power_cut::every_cut_leaves_the_cart_safe ("), lines[0]
+    assert lines[0].endswith(f"; reports in {reports}"), lines[0]
+    v = report.load(reports)
+    assert (v["status"], v["verdict"], v["signal"], v["interrupted"]) == \
+        ("interrupted", "INTERRUPTED", sig.name, {"tests": [test]})
+    assert next(r for r in v["results"] if r["test"] == test)["outcome"] == "interrupted"
+    suite = ET.parse(reports / "junit.xml").getroot().find("testsuite")
+    assert {p.get("name"): p.get("value") for p in suite.iterfind("properties/property")}["interrupted_during"] == test
+    case = next(c for c in suite.iterfind("testcase") if c.get("name") == test.rsplit("::", 1)[1])
+    assert case.find("error").get("type") == "interrupted"
+    switched = [x for x in _supply_lines(tmp_path, reports) if x.startswith("OUTP:SEL ") and "?" not in x]
+    assert switched[-1] == "OUTP:SEL OFF", switched[-5:]  # the cart's output left off (cart-01: channel 1 only)
+    left = subprocess.run(["pgrep", "-f", f"{tmp_path}|{reports}"], capture_output=True, text=True).stdout.split()
+    session = subprocess.run(["pgrep", "-s", str(proc.pid)], capture_output=True, text=True).stdout.split()
+    assert not left and not session, f"processes of the interrupted run still running: {left + session}"
+    shutil.rmtree(reports)  # (kept when an assertion above fails: the evidence)
+
+
+@pytest.fixture
+def latest_kept():
+    """reports/latest as it was, if the run a test made (and removed) is still the one it points at."""
+    latest = ROOT / "reports" / "latest"
+    before = os.readlink(latest) if latest.is_symlink() else None
+    yield
+    if latest.is_symlink() and not latest.exists():
+        if before is None:
+            latest.unlink()
+        else:
+            tmp = latest.with_name(f".latest-{os.getpid()}")
+            os.symlink(before, tmp)
+            os.replace(tmp, latest)
+
+
+def test_ctrl_c_ends_the_run_with_its_reports_one_line_and_nothing_left(rig_factory, tmp_path, latest_kept):
+    """Ctrl-C at a terminal reaches `hil` (pytest runs in a process group of its own): it passes it on, the run
+    ends the test in progress, writes its reports, powers the cart and its rack down, and `hil` says INTERRUPTED in
+    one line naming the test cut short, exit 130, no traceback."""
+    proc, _ = _start_sweep(rig_factory, tmp_path)
+    reports, test = _wait_until_the_sweep_powers_its_cart(proc, tmp_path)
+    os.killpg(proc.pid, signal.SIGINT)  # the terminal's Ctrl-C: to hil's whole process group
+    out, err = proc.communicate(timeout=180)
+    _assert_interrupted(proc, out, err, reports, test, signal.SIGINT, tmp_path)
+
+
+def test_sigterm_to_hil_alone_ends_the_run_like_ctrl_c(rig_factory, tmp_path, latest_kept):
+    """SIGTERM — a CI runner cancelling the job, `timeout` — reaches `hil` alone: the same orderly end, exit 143."""
+    proc, _ = _start_sweep(rig_factory, tmp_path)
+    reports, test = _wait_until_the_sweep_powers_its_cart(proc, tmp_path)
+    os.kill(proc.pid, signal.SIGTERM)
+    out, err = proc.communicate(timeout=180)
+    assert "hil: SIGTERM — ending the tests in progress, powering the rack down, writing the reports" in err, err
+    _assert_interrupted(proc, out, err, reports, test, signal.SIGTERM, tmp_path)

@@ -9,11 +9,9 @@ from __future__ import annotations
 
 import os
 import re
-import socket
 import time
 
 import pytest
-import yaml
 
 from harness import cli
 
@@ -121,8 +119,8 @@ def test_gate_refuses_a_reports_dir_it_cannot_write(rig_factory, tmp_path, monke
     rc = cli.main(["gate", "--rig", str(rig)])
     err = capsys.readouterr().err
     assert rc == 2
-    assert re.fullmatch(rf"hil: cannot write reports in {re.escape(str(root))}/reports/gate/\d{{8}}-\d{{6}}: "
-                        r"Not a directory\n", err), err
+    assert re.fullmatch(rf"hil: cannot write reports in {re.escape(str(root))}/reports/"
+                        r"gate-\d{8}-\d{6}-[0-9a-f]{6}: Not a directory\n", err), err
 
 
 # ---------------------------------------------------------------- during the run
@@ -181,20 +179,18 @@ def test_boots(cart):
 @pytest.mark.parametrize("workers", [None, "2"], ids=["in-process", "xdist"])
 def test_rack_that_will_not_start_is_one_line_and_exit_2(pytester, rig_factory, workers):
     rig_path = rig_factory(["cart-01", "cart-02"])
-    data = yaml.safe_load(rig_path.read_text())
-    port = int(data["supplies"][0]["resource"].split("::")[2])
-    with socket.socket() as squatter:  # someone else already listens on the supply's port
-        squatter.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        squatter.bind(("127.0.0.1", port))
-        squatter.listen()
-        pytester.makepyfile(test_carts=CART_SUITE)
-        args = ["--rig", str(rig_path), "--hil-reports", str(pytester.path / "reports")]
-        t0 = time.monotonic()
-        res = _run(pytester, *args, *(["-n", workers] if workers else []))
+    run_dir = pytester.path / "reports" / "runs" / "no-rack"
+    (run_dir / "rack").mkdir(parents=True)
+    (run_dir / "rack" / "flash").write_text("not the rack's\n")  # where the run's rack keeps its flash files
+    pytester.makepyfile(test_carts=CART_SUITE)
+    args = ["--rig", str(rig_path), "--hil-run-dir", str(run_dir)]
+    t0 = time.monotonic()
+    res = _run(pytester, *args, *(["-n", workers] if workers else []))
     # the cause, on one line (the rack's log holds the rest); under xdist too, not "worker crashed"
-    _one_clean_line(res, f"*hil: {rig_path}: supply psu-k: port {port} *in use*")
+    _one_clean_line(res, "*hil: *flash is not a directory: refusing to touch it*")
     out = res.stdout.str() + res.stderr.str()
     assert "crashed" not in out and " passed" not in out, out
+    assert (run_dir / "rack" / "flash").read_text() == "not the rack's\n"
     assert time.monotonic() - t0 < 60
 
 
