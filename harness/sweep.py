@@ -56,7 +56,7 @@ from typing import Any
 
 from harness.ota import ONLINE_METRIC, TERMINAL, OtaError, attach, bump, step
 
-MODES = ("reduced", "full")
+MODES = ("quick", "reduced", "full")
 REDUCED_EVERY = 5          # the reduced sweep: every 5th event, all redundant-store writes, 2 random cuts
 REDUCED_RANDOM = 2
 FULL_RANDOM = 10
@@ -181,9 +181,9 @@ def select_points(events: Sequence[Event], mode: str = "reduced", *, seed: int =
                   random_cuts: int | None = None, every: int = REDUCED_EVERY) -> list[CutPoint]:
     """The points of a sweep over a recorded sequence. ``full``: every event plus 10 random-delay cuts;
     ``reduced``: every ``every``-th event (the first included), every write of a two-copy store (boot
-    control, device state, trust store), plus 2 random cuts. Random cuts are drawn (seeded: the same
-    seed, the same points) uniformly within the recorded update's duration, measured from its first
-    event on the device's clock."""
+    control, device state, trust store), plus 2 random cuts; ``quick``: every boot-control write alone.
+    Random cuts are drawn (seeded: the same seed, the same points) uniformly within the recorded update's
+    duration, measured from its first event on the device's clock."""
     if mode not in MODES:
         raise ValueError(f"sweep mode must be one of {', '.join(MODES)}, got {mode!r}")
     if not events:
@@ -191,6 +191,9 @@ def select_points(events: Sequence[Event], mode: str = "reduced", *, seed: int =
     if mode == "full":
         chosen = list(events)
         n_random = FULL_RANDOM if random_cuts is None else random_cuts
+    elif mode == "quick":  # `hil gate --quick`: the writes a cut must never break, nothing else
+        chosen = [e for e in events if is_bcb_write(e)]
+        n_random = 0 if random_cuts is None else random_cuts
     else:
         chosen = [e for e in events if e.position % every == 0 or is_redundant_write(e)]
         n_random = REDUCED_RANDOM if random_cuts is None else random_cuts
