@@ -24,6 +24,7 @@ from pathlib import Path
 from vrack.cartconfig import FlashGeometry
 
 ERASED = 0xFF
+READ_CHUNK = 64 * 1024  # bytes read before the host CPU is offered to others (see Flash._pread)
 SLOTS = ("A", "B")
 TRUST_PAGES = 4
 TRUST_COPY_PAGES = 2  # the trust store is two copies of 2 pages each, never written in place
@@ -403,7 +404,7 @@ class Flash:
         if offset < 0 or length < 0 or offset + length > self.layout.total_size:
             raise FlashError(f"read {offset}+{length} outside flash of {self.layout.total_size} bytes")
         self._check_faults()
-        data = os.pread(self._fd, length, offset)
+        data = self._pread(offset, length)
         if not self._flips or not length:
             return data
         first, last = offset // self.page_size, (offset + length - 1) // self.page_size
@@ -416,6 +417,21 @@ class Flash:
                         flipped = flipped if flipped is not None else bytearray(data)
                         flipped[at] ^= mask
         return data if flipped is None else bytes(flipped)
+
+    def _pread(self, offset: int, length: int) -> bytes:
+        """A long read goes in READ_CHUNK pieces, the host CPU offered to others between them. A real
+        MCU reading a slot waits on its flash bus (megabytes per second) while its UART goes on sending;
+        here the copy is a fraction of a millisecond of CPU, during which the host's kernel could not
+        hand the cart's last console line to the harness (the line sat in the pty for a scheduler slice:
+        a cut on that line's event landed ms late). The step has begun when the first chunk is read."""
+        if length <= READ_CHUNK:
+            return os.pread(self._fd, length, offset)
+        parts = []
+        for at in range(offset, offset + length, READ_CHUNK):
+            if parts:
+                os.sched_yield()
+            parts.append(os.pread(self._fd, min(READ_CHUNK, offset + length - at), at))
+        return b"".join(parts)
 
     def read_page(self, index: int) -> bytes:
         return self.read(index * self.page_size, self.page_size)
