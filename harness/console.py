@@ -681,7 +681,9 @@ class Shell:
         first, col = console._mark()
         console.send(command)
         if self.echo:
-            echo_rx = re.compile(re.escape(command) + r"\s*$")
+            # the echo is the command alone on its line (after the prompt it was typed at): an unsolicited
+            # line that merely ends with the command's words ("OTA: rejected ...: same version") is not it
+            echo_rx = re.compile(rf"^(?:{re.escape(self.prompt.strip())}\s*)?{re.escape(command)}\s*$")
             _, _, echo_i = console._expect({"echo": echo_rx}, max(0.0, deadline - time.monotonic()),
                                            what=f"echo of {command!r}", label=echo_rx.pattern)
             first, col = echo_i + 1, 0

@@ -372,6 +372,25 @@ def test_shell_run_skips_echo_stops_at_prompt_and_raises_on_error(pty, console, 
         firmware.stop()
 
 
+def test_shell_echo_is_the_command_line_not_an_async_line_ending_with_its_words(pty, console):
+    """An agent's line that ends with the command's word ("... same version") comes out while the command
+    is typed: taken for the echo, the echo line ("cart> version") then passed for the prompt: no reply."""
+    pty.write("cart> ")
+    console.expect(r"^cart> $", 2)
+    shell = Shell(console)
+
+    def firmware():  # as the reference firmware's console printed it in a CI run
+        assert pty.read_until(b"version\r\n")
+        pty.write("\r\nOTA: rejected job=j-7: same version\r\ncart> version\r\nversion 1.4.22\r\ncart> ")
+
+    t = threading.Thread(target=firmware)
+    t.start()
+    try:
+        assert shell.run("version", timeout=2) == ["version 1.4.22"]
+    finally:
+        t.join()
+
+
 def test_shell_run_times_out_with_evidence(pty, console):
     pty.write("FW: ready\r\ncart> ")
     console.expect(r"^cart> $", 2)

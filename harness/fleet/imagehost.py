@@ -461,8 +461,11 @@ class ImageHost:
             self._listeners.append(callback)
 
     def requests(self, image_id: str | None = None) -> list[ImageRequest]:
+        """The requests served (of one image), in the order they ARRIVED: each is recorded when its response is
+        done, and a short response to a later request can be done before a long one to an earlier."""
         with self._cond:
-            return [r for r in self._requests if image_id is None or r.image_id == image_id]
+            return sorted((r for r in self._requests if image_id is None or r.image_id == image_id),
+                          key=lambda r: r.t)
 
     def wait_request(
         self, predicate: Callable[[ImageRequest], bool], timeout: float, *, since: int = 0, what: str = "a request"
