@@ -133,8 +133,33 @@ SUITES = {
 }
 
 
+INTERRUPTED_STATUS = (130, 143)  # a run ended by Ctrl-C or SIGTERM
+
+
 def cmd_smoke(a: argparse.Namespace) -> int:
-    """`hil gate|smoke|sweep`: one directory per run, reports/<run-id>/ (reports/latest points at it), with
+    """`hil gate|smoke|sweep`, once or `--repeat N` times in a row (the flake check: N runs on good firmware, each
+    its own reports; non-zero if any run did not pass; an interrupted run ends the series)."""
+    repeat = getattr(a, "repeat", 1)
+    if repeat <= 1:
+        return _run_once(a)
+    runs: list[tuple[int, float]] = []
+    for i in range(1, repeat + 1):
+        print(f"hil {a.cmd}: run {i} of {repeat}", flush=True)
+        t0 = time.monotonic()
+        rc = _run_once(a)
+        runs.append((rc, time.monotonic() - t0))
+        if rc in INTERRUPTED_STATUS:
+            break
+    passed = sum(rc == 0 for rc, _ in runs)
+    walls = ", ".join(f"{w:.0f} s" for _, w in runs)
+    print(f"hil {a.cmd} --repeat {repeat}: {passed} of {len(runs)} run(s) passed"
+          + (f" ({repeat - len(runs)} not run: interrupted)" if len(runs) < repeat else "") + f"; wall {walls}")
+    last = runs[-1][0]
+    return last if last in INTERRUPTED_STATUS else (0 if passed == repeat else 1)
+
+
+def _run_once(a: argparse.Namespace) -> int:
+    """One `hil gate|smoke|sweep`: one directory per run, reports/<run-id>/ (reports/latest points at it), with
     verdict.json, junit.xml and matrix.svg written as results happen (harness.report), the Allure results,
     results.jsonl, the consoles, preflight.json (the gate) and the HTML report; live progress per cart while it
     runs (harness.progress); the matrix and the verdict at the end."""
@@ -405,6 +430,9 @@ def main(argv: list[str] | None = None) -> int:
             mode.add_argument("--quick", action="store_true",
                               help="the fast gate: smoke, the candidate's release scenarios and a power cut at "
                                    "every boot-control write")
+            s.add_argument("--repeat", type=int, default=1, metavar="N",
+                           help="run the gate N times in a row (a flake check on good firmware); non-zero if any "
+                                "run did not pass")
         s.add_argument("pytest_args", nargs=argparse.REMAINDER)
         s.set_defaults(fn=cmd_smoke)
 

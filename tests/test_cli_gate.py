@@ -5,6 +5,7 @@ leaves the supply outputs off and stops its rack."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import shutil
@@ -17,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from harness import report
+from harness import cli, report
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -212,3 +213,19 @@ def test_sigterm_to_hil_alone_ends_the_run_like_ctrl_c(rig_factory, tmp_path, la
     out, err = proc.communicate(timeout=180)
     assert "hil: SIGTERM — ending the tests in progress, powering the rack down, writing the reports" in err, err
     _assert_interrupted(proc, out, err, reports, test, signal.SIGTERM, tmp_path)
+
+
+@pytest.mark.parametrize(("statuses", "rc", "summary"), [
+    ([0, 0, 0], 0, "3 of 3 run(s) passed"),
+    ([0, 1, 0], 1, "2 of 3 run(s) passed"),
+    ([0, 130], 130, "1 of 2 run(s) passed (1 not run: interrupted)"),
+], ids=["all-pass", "one-flake", "interrupted"])
+def test_repeat_runs_the_gate_n_times_and_fails_on_any_run_that_did_not_pass(monkeypatch, capsys, statuses, rc,
+                                                                             summary):
+    calls = iter(statuses)
+    monkeypatch.setattr(cli, "_run_once", lambda a: next(calls))
+    a = argparse.Namespace(cmd="gate", repeat=3)
+    assert cli.cmd_smoke(a) == rc
+    out = capsys.readouterr().out
+    assert f"hil gate --repeat 3: {summary}; wall " in out
+    assert out.count("hil gate: run ") == len(statuses)
