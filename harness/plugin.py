@@ -65,6 +65,7 @@ def _is_worker(config: pytest.Config) -> bool:
 @pytest.hookimpl(tryfirst=True)
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "xdist_group(name): keep tests of one cart on one worker")
+    config.addinivalue_line("markers", "hil_full: a scenario the full gate runs and `hil gate --quick` leaves out")
     config.addinivalue_line("markers", "hil_self_check(build): a check of the gate itself — the seeded fault build "
                                        "`build` must be caught (for its own reason). Runs on the first selected cart "
                                        "of each hardware revision; `hil gate --self-check` runs these alone, the "
