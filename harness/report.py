@@ -20,6 +20,8 @@ What tests may add to their record (``record_property(name, value)``), read when
                          in the same order as firmware_to
     rollbacks       int  rollbacks the cart counted during an update (firmware_rollback_count rose by);
                          recorded once per update, summed
+    supply_idn      str  "<supply>:<channel> <*IDN? answer>": the instrument that powered the cart
+    not_run         str  "<check>: <why>": a check this rig cannot run (listed, never dropped)
 
 (``cart`` and ``fault_build`` are recorded by harness.plugin, ``caught`` by the ``self_check`` fixture.)
 """
@@ -179,7 +181,7 @@ class Case:
                 e["rollbacks"] = sum(int(v) for v in rollbacks)
             except ValueError:
                 e["rollbacks"] = rollbacks
-        for name in ("fault_build", "caught"):
+        for name in ("fault_build", "caught", "supply_idn"):  # supply_idn: what the cart's supply said to *IDN?
             if self.prop_values(name):
                 e[name] = self.prop_values(name)[0]
         if self.prop_values("not_run"):  # checks the rig could not run: said, never silently dropped

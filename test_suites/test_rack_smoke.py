@@ -36,10 +36,11 @@ def test_shell_reports_version_and_active_slot(cart):
     assert status.slots[banner.slot]["valid"] == "yes"
 
 
-def test_supply_identity(cart):
+def test_supply_identity(cart, record_property):
     idn = cart.power.identify()
     assert idn.model == cart.slot.supply.model, f"{cart.slot.supply.name} answers {idn.raw!r}"
     assert idn.manufacturer and idn.serial, idn.raw
+    record_property("supply_idn", f"{cart.slot.supply.name}:{cart.slot.channel} {idn.raw}")  # for verdict.json
 
 
 def test_current_with_output_on_and_off(cart):
