@@ -16,6 +16,7 @@ import pytest
 import yaml
 
 from harness.config import ConfigError, Rig
+from harness.isolation import choose_ports
 from harness.repro import (
     FieldBuild,
     build_label,
@@ -31,7 +32,6 @@ ROOT = Path(__file__).resolve().parent.parent
 RIG = ROOT / "rigs" / "virtual.yaml"
 NEAR_MISSES = sorted((ROOT / "incidents").glob("near-miss-*.yaml"))
 NM1, NM2, NM3 = NEAR_MISSES
-PORTS = range(48520, 48530)  # this test's private rack (48500-48599 is the repro work's range)
 
 
 def hil(*args: str | Path) -> subprocess.CompletedProcess:
@@ -223,16 +223,18 @@ def test_the_command_refuses_with_one_line_and_exit_2_before_anything_runs(tmp_p
 
 @pytest.fixture
 def private_rig(tmp_path):
-    """rigs/virtual.yaml cut down to cart-07's slot, on ports of this test's range, everything it writes
+    """rigs/virtual.yaml cut down to cart-07's slot, on free ports, everything it writes
     under tmp_path; its rack up for the test (so each replay uses this rig as it is). One test uses it: under
-    xdist a second one could run at the same time on another worker, on the same ports."""
+    xdist a second one could run at the same time on another worker."""
     from harness.rackctl import start_rack, stop_rack
 
     run = tmp_path / "run"
     rig = yaml.safe_load(RIG.read_text())
     slot = next(s for s in rig["slots"] if s["cart"] == "cart-07")
     supply = next(s for s in rig["supplies"] if s["name"] == slot["supply"])
-    ports = iter(PORTS)
+    # free ports below the kernel's ephemeral range (a fixed port up there can be an outgoing connection's:
+    # the image host once found its port taken in a CI run)
+    ports = iter(choose_ports("127.0.0.1", 3))
     supply["resource"] = re.sub(r"::\d+::SOCKET$", f"::{next(ports)}::SOCKET", supply["resource"])
     rig.update(
         name="repro-test", configs=str(ROOT / "configs"), supplies=[supply],
