@@ -321,10 +321,11 @@ def test_two_processes_share_one_supply_without_crossing(rack, lock_dir):
         w.join(timeout=10)
     assert outcome == {1: ([], None), 2: ([], None)}
     assert 3.0 <= emu.channel(1)["voltage"] < 4.0 and 9.0 <= emu.channel(2)["voltage"] < 10.0
-    # the two sessions really did interleave on the instrument
+    # the two sessions really did interleave on the instrument (how often is the host's scheduling: one input
+    # queue runs a connection's queued lines together, and a loaded CI host gave 12 switches in 300 rounds)
     conns = [conn for conn, _ in emu.history]
     switches = sum(1 for a, b in zip(conns, conns[1:], strict=False) if a != b)
-    assert switches >= 20
+    assert switches >= 4
 
 
 # ----------------------------------------------------------------- one input queue for all connections
