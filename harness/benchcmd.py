@@ -70,6 +70,18 @@ def _stop_signals() -> Iterator[None]:
             signal.signal(s, h)
 
 
+@contextlib.contextmanager
+def _uninterrupted() -> Iterator[None]:
+    """A stop signal waits until the instrument exchange in here is done (a command sent, its reply and the error
+    queue read): cut in the middle, the link would be left out of step, and the safe state after it would hang
+    on a reply that belongs to the cut exchange. The signal is delivered on leaving."""
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
 def _hold_signals() -> None:
     """From here on the command finishes what it does (a cleanup, a stop): stop signals are ignored."""
     for s in STOP_SIGNALS:
@@ -210,15 +222,20 @@ def cmd_power(a: argparse.Namespace) -> int:
     power = supplies.channel(slot)
     try:
         if a.action == "measure":
-            said = _reading(power)
+            with _uninterrupted():
+                said = _reading(power)
         elif a.action == "on":
-            said = _power_on(power, slot)
+            with _uninterrupted():
+                said = _power_on(power, slot)
         elif a.action == "off":
-            said = _power_off(power)
+            with _uninterrupted():
+                said = _power_off(power)
         else:
-            _power_off(power)
+            with _uninterrupted():
+                _power_off(power)
             time.sleep(off_s)  # physics: the rail falls and the cart's capacitors drain
-            said = f"power cycled (OFF for {off_s:g} s), {_power_on(power, slot)}"
+            with _uninterrupted():
+                said = f"power cycled (OFF for {off_s:g} s), {_power_on(power, slot)}"
         print(f"{_where(slot)}: {said}")
         return 0
     except PowerError as exc:
@@ -465,9 +482,9 @@ def cmd_console(a: argparse.Namespace) -> int:
     keys = interactive()
     leave = "Ctrl-] exits" if keys else "sending stdin's lines; EOF ends"
     nl = "\n" if keys else ""  # after the cart's last output (a prompt has no newline)
-    print(f"hil console: slot {slot.number} {slot.cart_id} on {slot.console_url}; log {log_path}; {leave}",
-          file=sys.stderr, flush=True)
-    try:
+    try:  # (the line inside: a stop signal right after it still closes the console and says so)
+        print(f"hil console: slot {slot.number} {slot.cart_id} on {slot.console_url}; log {log_path}; {leave}",
+              file=sys.stderr, flush=True)
         rc = run_terminal(console)
         print(f"{nl}hil console: closed; log {log_path}", file=sys.stderr)
         return rc
