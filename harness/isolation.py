@@ -63,6 +63,17 @@ def _ephemeral_low() -> int:
         return 32768
 
 
+def port_bindable(addr: str, port: int) -> bool:
+    """Could a listener bind `addr`:`port` now (SO_REUSEADDR, as the rack's listeners set it)?"""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((addr, port))
+        except OSError:
+            return False
+    return True
+
+
 def choose_ports(host: str, n: int, avoid: Iterable[int] = ()) -> list[int]:
     """n distinct ports that can be bound on `host` now.
 
@@ -77,13 +88,8 @@ def choose_ports(host: str, n: int, avoid: Iterable[int] = ()) -> list[int]:
     rng = random.SystemRandom()
     for _ in range(200 * n):
         port = rng.randrange(PORT_FLOOR, low)
-        if port in skip:
+        if port in skip or not port_bindable(addr, port):
             continue
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-            try:
-                s.bind((addr, port))
-            except OSError:
-                continue
         skip.add(port)
         ports.append(port)
         if len(ports) == n:

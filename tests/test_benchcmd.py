@@ -8,7 +8,6 @@ import os
 import re
 import select
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -18,6 +17,7 @@ import pytest
 import yaml
 
 from harness.config import Rig
+from harness.isolation import port_bindable
 from harness.power import open_supply
 from harness.rackctl import rack_state, stop_rack
 
@@ -73,7 +73,7 @@ def port_blocks():
     """Bases of this file's port blocks whose ports (broker, five supplies) are free now. The range lies in the
     kernel's ephemeral range: an outgoing connection may hold one of its ports for a while."""
     for base in range(PORTS.start, PORTS.stop - 9, 10):
-        if all(port_free(p) for p in range(base, base + 6)):
+        if all(port_bindable("127.0.0.1", p) for p in range(base, base + 6)):
             yield base
 
 
@@ -132,16 +132,6 @@ def gone(pid: int) -> bool:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
     except OSError:
         return True
-
-
-def port_free(port: int) -> bool:
-    with socket.socket() as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            s.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
 
 
 def read_until(stream, pattern: str, timeout: float) -> str:
@@ -215,7 +205,7 @@ def test_rack_down_switches_outputs_off_and_leaves_no_process(rack):
     assert re.fullmatch(rf"rack of rig virtual: 2 outputs off, rack stopped \(pid {pid}, \d+ processes gone\)\n",
                         r.stdout), r.stdout
     assert [p for p in procs if not gone(p)] == []
-    assert all(port_free(p) for p in range(base, base + 6))
+    assert all(port_bindable("127.0.0.1", p) for p in range(base, base + 6))
     assert not any(os.path.lexists(s.console_url) for s in rig.slots), "console links removed"
 
     status = hil("rack", "status", path)
@@ -266,7 +256,7 @@ def test_a_stopped_foreground_rack_leaves_no_orphan(rig_file, sig, status, said)
     assert re.fullmatch(rf"hil rack up: {said}: 2 outputs off, rack stopped \(pid {procs[1]}, \d+ processes gone\)\n",
                         err), err
     assert [p for p in procs if not gone(p)] == []
-    assert all(port_free(p) for p in range(base, base + 6))
+    assert all(port_bindable("127.0.0.1", p) for p in range(base, base + 6))
     assert rack_state(Rig.load(path)) is None
 
 

@@ -23,6 +23,7 @@ from harness.isolation import (
     SlotLocks,
     derive_private_rig,
     lock_dir,
+    port_bindable,
     rig_ports,
     start_private_rack,
 )
@@ -46,21 +47,11 @@ def _procs_naming(text: str) -> list[str]:
     return found
 
 
-def _bindable(port: int) -> bool:
-    with socket.socket() as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            s.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
-
-
 def _assert_nothing_left(run_dir: Path) -> None:
     rig = Rig.load(run_dir / "rig.yaml")
     assert rack_state(rig) is None and not (rig.run_dir / "rack.json").exists()
     assert not _procs_naming(str(run_dir)), _procs_naming(str(run_dir))
-    assert all(_bindable(p) for p in rig_ports(rig)), rig_ports(rig)
+    assert all(port_bindable("127.0.0.1", p) for p in rig_ports(rig)), rig_ports(rig)
     assert not any(os.path.lexists(s.console_url) for s in rig.slots), "console links (ptys) left behind"
 
 
