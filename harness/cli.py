@@ -158,6 +158,21 @@ def cmd_smoke(a: argparse.Namespace) -> int:
     return last if last in INTERRUPTED_STATUS else (0 if passed == repeat else 1)
 
 
+def _candidate_problem(a: argparse.Namespace, slots) -> str | None:
+    """Why the candidate named on the command line cannot be gated on these carts (an unreadable image, a
+    version not above their field versions), or None. The build itself is made by the run."""
+    from harness import candidate as hc
+
+    if not getattr(a, "firmware", None) and not getattr(a, "build", None):
+        return None
+    try:
+        c = hc.from_file(a.firmware) if a.firmware else hc.Candidate(a.build, b"", "rig build")
+        hc.check_above_field(c, {s.cart_id: s.cart.firmware.versions_in_field for s in slots})
+    except ConfigError as exc:
+        return str(exc)
+    return None
+
+
 def _run_once(a: argparse.Namespace) -> int:
     """One `hil gate|smoke|sweep`: one directory per run, reports/<run-id>/ (reports/latest points at it), with
     verdict.json, junit.xml and matrix.svg written as results happen (harness.report), the Allure results,
@@ -168,6 +183,9 @@ def _run_once(a: argparse.Namespace) -> int:
 
     rig = Rig.load(a.rig or DEFAULT_RIG)
     slots = rig.select(a.cart, a.tag)
+    why = _candidate_problem(a, slots)
+    if why:  # before anything runs: a candidate no cart could take would fail every release scenario
+        return _refuse(why)
     n = a.workers or max(1, len(slots))
     out = ROOT / "reports" / new_run_id(f"{a.cmd}-")
     why = dir_write_problem(out)

@@ -229,3 +229,14 @@ def test_repeat_runs_the_gate_n_times_and_fails_on_any_run_that_did_not_pass(mon
     out = capsys.readouterr().out
     assert f"hil gate --repeat 3: {summary}; wall " in out
     assert out.count("hil gate: run ") == len(statuses)
+
+
+def test_a_candidate_no_cart_could_take_is_refused_before_anything_runs(capsys, tmp_path):
+    rc = cli.main(["gate", "--build", "1.0.0", "--cart", "cart-03"])
+    assert rc == 2
+    assert capsys.readouterr().err == ("hil: candidate 1.0.0 is not above cart-03's field version 1.4.2: a cart "
+                                       "takes only a higher version\n")
+    bad = tmp_path / "fw.img"
+    bad.write_bytes(b"not an image")
+    assert cli.main(["gate", "--firmware", str(bad)]) == 2
+    assert capsys.readouterr().err.startswith(f"hil: {bad}: not a firmware image: ")
