@@ -13,8 +13,9 @@
 - cut latency, measured from outside the harness: the device's stamp on the event line (its
   monotonic clock) -> the supply's arrival stamp of the OFF line in the rig's
   ``virtual.supply_rx_log`` (the same clock); with the harness's own split (device -> line seen,
-  seen -> OFF sent, sent -> supply received). The cut is armed on the Kth ``bench <i> <t_ns>`` line
-  of ``bench lines`` (the firmware writes them back to back, as fast as it can);
+  seen -> OFF sent, sent -> supply received). Three figures: a cut on the boot event (the firmware
+  starting), on the firmware's first step (its self-test), and on the Kth ``bench <i> <t_ns>`` line of
+  ``bench lines`` (the firmware writes them back to back, as fast as it can: a flood no UART carries);
 - the power-cut sweep (`harness/sweep.py`): the full sweep (every event + 10 random cuts) run as the
   suite runs it (`hil sweep`: test_suites/test_power_cut.py, one worker per cart), its wall time over
   the chosen carts (all ten by default) and cut points per second, read from the sweep's own reports.
@@ -254,13 +255,14 @@ CUT_TARGET_MEDIAN_US = 500.0
 CUT_TARGET_P99_US = 1000.0
 
 
-def cut_latency(cart, rig: Rig, count: int, *, flood: bool = False, nth: int = 20) -> dict:
+def cut_latency(cart, rig: Rig, count: int, *, flood: bool = False, nth: int = 20, nth_event: int = 1) -> dict:
     """``count`` cuts on ``cart``, each on a fresh boot.
 
-    Normally on the first event line (the profile's ``event`` pattern) after the boot banner: the
-    cut is armed once the banner is seen, and lands on the firmware's first step (its self-test,
-    or its boot event if arming was quicker). With ``flood`` (or a profile without event lines)
-    on the ``nth`` line of ``bench lines``, written back to back: a cut under a console flood."""
+    Normally on the ``nth_event``-th event line (the profile's ``event`` pattern) after the boot
+    banner: the cut is armed once the banner is seen; the 1st is the boot event (the firmware
+    starting), the 2nd its first step (the self-test, which reads the slot). With ``flood`` (or a
+    profile without event lines) on the ``nth`` line of ``bench lines``, written back to back: a cut
+    under a console flood, at a line rate far beyond what a real cart's UART carries."""
     from harness.cut import cut_on_console
 
     virt = rig.spec.virtual
@@ -280,7 +282,7 @@ def cut_latency(cart, rig: Rig, count: int, *, flood: bool = False, nth: int = 2
         else:
             cart.power_on(wait=False)
             cart.console.expect(cart.pattern("banner"), cart.boot_timeout, what=f"{cart.id} boot banner")
-            cut = cut_on_console(cart.power, cart.console, event_rx)
+            cut = cut_on_console(cart.power, cart.console, event_rx, nth=nth_event)
         start = rx_log.stat().st_size if rx_log.exists() else 0
         off_line = cut.off_bytes.decode("ascii").splitlines()[-1]   # the line that switches the output
         cut.wait(30.0)
@@ -303,7 +305,7 @@ def cut_latency(cart, rig: Rig, count: int, *, flood: bool = False, nth: int = 2
         sent_to_rx.append((rx_ns - cut.sent_t_ns) / 1e9)
         time.sleep(rig.spec.power_off_s)  # physics: off time before the next power-on
     return {"cart": cart.id, "supply": f"{supply} ({cart.slot.supply.dialect}) ch{cart.slot.channel}",
-            "event": f"bench line #{nth} (flood)" if flood else "first event line after the banner",
+            "event": f"bench line #{nth} (flood)" if flood else f"event line #{nth_event} after the banner",
             "events_cut": events, "paths": sorted(paths),
             "device_event_to_supply_rx": _stats_us(device_to_rx)
             | {"target_median_us": CUT_TARGET_MEDIAN_US, "target_p99_us": CUT_TARGET_P99_US,
@@ -347,10 +349,12 @@ def run_cut_bench(rig_path: Path, *, out: Path, cuts: int = 50, cart_id: str | N
     with _bench_on(rig, out) as (live, bench):
         cart = bench.cart(cart_id or live.slots[0].cart_id)
         results["cut_latency"] = cut_latency(cart, live, cuts)
+        results["cut_latency_step"] = cut_latency(cart, live, cuts, nth_event=2)
         results["cut_latency_flood"] = cut_latency(cart, live, cuts, flood=True)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=2))
     _print_cut(results["cut_latency"])
+    _print_cut(results["cut_latency_step"])
     _print_cut(results["cut_latency_flood"])
     print(f"\nwritten to {out}")
     return 0
@@ -365,6 +369,7 @@ def run_bench(rig_path: Path, *, out: Path, quick: bool = False, cuts: int = 50)
         results["scpi_query_latency"] = scpi_latency(bench, live, 200 if quick else 1000)
         results["power_on_to_banner"] = boot_times(bench, live)
         results["cut_latency"] = cut_latency(first, live, min(cuts, 20) if quick else cuts)
+        results["cut_latency_step"] = cut_latency(first, live, min(cuts, 20) if quick else cuts, nth_event=2)
         results["cut_latency_flood"] = cut_latency(first, live, min(cuts, 20) if quick else cuts, flood=True)
         from harness.ota import Fleet
 
@@ -392,7 +397,7 @@ def _print(r: dict) -> None:
     print("power-on to banner / ready (s):")
     for cid, b in r["power_on_to_banner"].items():
         print(f"  {cid}: banner {b['banner_s']:.3f}  ready {b['ready_s']:.3f}  (expected {b['expected_s']})")
-    for key in ("cut_latency", "cut_latency_flood"):
+    for key in ("cut_latency", "cut_latency_step", "cut_latency_flood"):
         if key in r:
             _print_cut(r[key])
     if "device_event_to_harness" in r:
