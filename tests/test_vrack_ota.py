@@ -49,6 +49,7 @@ from vrack.flash import (
     decode_settings,
     encode_bcb,
     encode_settings,
+    read_state,
 )
 from vrack.image import build_image as assemble_image
 
@@ -385,7 +386,7 @@ def test_rejected_images_and_documents_write_nothing(make_lab, host):
     lb.provision()
     lb.boot()
     cart = lb.cart
-    before = cart.slot_hashes()
+    before, state = cart.slot_hashes(), cart.command("state")
     unsigned = factory.build_image("1.6.0")
     signed = lb.image("1.6.0")
     sha, size = hashlib.sha256(signed).hexdigest(), len(signed)
@@ -422,6 +423,8 @@ def test_rejected_images_and_documents_write_nothing(make_lab, host):
         assert (ex["status"], ex["statusDetails"]) == ("REJECTED", {"reason": reason}), (job, ex)
         cart.expect(rf"OTA: rejected job={job}: {re.escape(reason)}\r\n")
     assert cart.slot_hashes() == before
+    assert cart.command("state") == state, "a rejected job moved the device state (time floor, counter)"
+    assert len(lb.time.requests(lb.thing)) > 0, "no job got as far as the time exchange: the state proves nothing"
     assert cart.command("slot status")[0].startswith("slot active=A booted=A pending=- tries=0 confirmed=yes boots=1 ")
     assert cart.command("ota status") == [f"ota state=idle broker=connected thing={lb.thing}"]
     assert cart.seen.count("CART-BL") == 1, "the cart rebooted"
@@ -895,10 +898,10 @@ def test_event_lines_of_an_uninterrupted_update(make_lab):
     assert stamps[0] > 0 and stamps[-1] <= time.monotonic_ns()
     mine = [m for m in events if m.group("name") in FIRMWARE_EVENTS]  # the bootloader's own are not the agent's
     runs = [name for name, _ in itertools.groupby(m.group("name") for m in mine)]
-    assert runs == ["self-test", "time-request", "state-write", "download", "verify", "erase", "write", "readback",
+    assert runs == ["self-test", "time-request", "download", "verify", "state-write", "erase", "write", "readback",
                     "set-pending", "job-report", "reset-for-trial", "self-test", "report-succeeded", "mark-good"], runs
     assert [detail(m) for m in mine if m.group("name") in ("time-request", "state-write")] == [
-        {"try": "1"}, {"copy": "0", "seq": "1"}]  # one exchange; the first floor goes into copy 0
+        {"try": "1"}, {"copy": "0", "seq": "1"}]  # one exchange; its time, once verified, the first floor: copy 0
     by = {name: [detail(m) for m in mine if m.group("name") == name] for name in FIRMWARE_EVENTS}
     offsets = [int(d["off"]) for d in by["download"]]
     assert offsets[0] == 0 and offsets == sorted(set(offsets)) and offsets[-1] < len(image)
@@ -912,7 +915,8 @@ def test_event_lines_of_an_uninterrupted_update(make_lab):
     # each line comes before the work it announces
     in_order(lines, [
         r"OTA: download \d+/\d+", r"EV: verify t=\d+", r"OTA: verify ok fw=1\.6\.0 ca=\S+",
-        rf"EV: erase slot=B page=0/{n} t=\d+", rf"EV: write slot=B page=0/{n} t=\d+",
+        r"EV: state-write copy=0 seq=1 t=\d+", rf"EV: erase slot=B page=0/{n} t=\d+",
+        rf"EV: write slot=B page=0/{n} t=\d+",
         r"OTA: write \d+/\d+ pages slot=B", r"EV: readback slot=B t=\d+", r"OTA: write done slot=B sha256=\S+",
         r"EV: set-pending slot=B t=\d+", r"EV: job-report status=IN_PROGRESS t=\d+",
         r"OTA: trial armed slot=B fw=1\.6\.0, rebooting", r"EV: reset-for-trial t=\d+", r"CART-BL .*",
@@ -1106,7 +1110,7 @@ def test_update_in_process_erases_writes_reads_back_then_arms_the_trial(unit_car
     assert cart.slot_raw("B")[n * 4096:] == before[cart.layout.slot_offset("B") + n * 4096:][
         :cart.layout.slot_size - n * 4096]  # only the pages the image needs are erased
     ev = cart.hal.events()
-    assert ev[:2] == ["EV: verify", f"EV: erase slot=B page=0/{n}"] and ev[-4:] == [
+    assert ev[:3] == ["EV: verify", "EV: state-write copy=0 seq=1", f"EV: erase slot=B page=0/{n}"] and ev[-4:] == [
         "EV: readback slot=B", "EV: set-pending slot=B", "EV: job-report status=IN_PROGRESS", "EV: reset-for-trial"]
     assert [x for x in ev if x.startswith("EV: write ")][-1] == f"EV: write slot=B page={(n - 1) // 8 * 8}/{n}"
     assert cart.hal.resets == 1
@@ -1131,8 +1135,11 @@ def test_a_flash_fault_fails_the_job_and_changes_nothing_but_the_inactive_slot(u
     assert cart.hal.console.lines[-1] == f"OTA: failed job=job-1: {reason}"
     after = cart.raw()
     b0, b1 = cart.layout.slot_offset("B"), cart.layout.slot_offset("B") + cart.layout.slot_size
+    s0, s1 = cart.layout.state_offset, cart.layout.state_offset + cart.layout.state_size
     assert after[:b0] == before[:b0], "written outside the inactive slot (boot control, slot A)"
-    assert after[b1:] == before[b1:], "written outside the inactive slot (trust store, settings)"
+    assert after[b1:s0] + after[s1:] == before[b1:s0] + before[s1:], \
+        "written outside the inactive slot (trust store, settings)"
+    assert read_state(after[s0:s1], 4096).floor > 0, "the image was verified: its server time, stored before the erase"
     a0 = cart.layout.slot_offset("A")
     assert hashlib.sha256(cart.slot_raw("A")).digest() == hashlib.sha256(before[a0:b0]).digest(), "running slot"
     assert BootControl(cart.flash).read().pending is None
@@ -1149,6 +1156,7 @@ def test_a_flash_fault_fails_the_job_and_changes_nothing_but_the_inactive_slot(u
     ev = cart.hal.events()
     assert not [x for x in ev if x.startswith(("EV: set-pending", "EV: bcb-write", "EV: reset-for-trial"))]
     assert ev[-1] == f"EV: report-failed reason={reason.split(':')[0].replace(' ', '-')}"
+    assert ev[:3] == ["EV: verify", "EV: state-write copy=0 seq=1", f"EV: erase slot=B page=0/{n}"]
     assert any(x.startswith("EV: readback") for x in ev) == (kind == "bitflip")
     assert any(x.startswith("EV: write ") for x in ev) == (kind != "erase_fail")
 

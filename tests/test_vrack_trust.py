@@ -96,11 +96,18 @@ class TrustCart:
         self.reports: list[tuple[str, dict]] = []
         self.t = int(time.time())  # the time service's clock
         self.agent = module.Agent(module.Firmware(self.hal), settings)
+        self.fw = self.agent.fw
+        self.fw.agent = self.agent
         self.answerer = Answerer(self.agent, lambda nonce: [answer(lab_pki, nonce, self.t)])
         self.agent.client = self.answerer
         self.agent.connected.set()
         self.agent._progress = lambda *a: None
         self.agent.update = self._update
+
+    def time_sync(self, tries: str = "3") -> str:
+        """The shell's `time sync N`: its reply line."""
+        self.fw.time_sync(tries)
+        return self.console()[-1]
 
     def _update(self, job_id, status, details, **kw):
         self.reports.append((status, dict(details)))
@@ -174,19 +181,27 @@ def signed(lab_pki, version: str = "1.6.0", *, counter: int = 0, root: str = pki
 # --- the time exchange, in this process ------------------------------------------------------------
 
 
-def test_a_signed_answer_is_accepted_and_raises_the_floor(tcart):
+def test_a_signed_answer_is_accepted_and_stored_by_whoever_decides_on_it(tcart):
+    """The exchange returns the time and stores nothing: `time sync` stores it at once, a job only once
+    its verification accepts (below)."""
     cart = tcart()
     assert cart.agent.server_time() == cart.t
-    assert cart.events() == ["EV: time-request try=1", "EV: state-write copy=0 seq=1"]
+    assert cart.events() == ["EV: time-request try=1"]
     assert cart.console()[-1] == f"OTA: time ok t={cart.t}"
+    assert cart.state() == DeviceState() and len(cart.answerer.nonces) == 1
+    assert cart.time_sync() == f"time ok t={cart.t}"
+    assert [re.sub(r"^(EV: .*) t=\d+$", r"\1", x) for x in cart.console()[-3:-1]] == [
+        f"OTA: time ok t={cart.t}", "EV: state-write copy=0 seq=1"]
     assert cart.state() == DeviceState(0, cart.t, 1, 0)
-    assert len(cart.answerer.nonces) == 1
-    assert cart.agent.server_time() == cart.t, "the same time again is fine (not earlier)"
+    assert cart.time_sync() == f"time ok t={cart.t}", "the same time again is fine (not earlier)"
     assert cart.state().seq == 1, "a time that is not above the floor is not written"
     cart.t += 5
-    assert cart.agent.server_time() == cart.t
+    assert cart.time_sync("1") == f"time ok t={cart.t}"
     assert cart.state() == DeviceState(0, cart.t, 2, 1) and cart.events()[-1] == "EV: state-write copy=1 seq=2"
-    assert len(set(cart.answerer.nonces)) == 3, "a fresh nonce for every request"
+    assert len(set(cart.answerer.nonces)) == 4, "a fresh nonce for every request"
+    for bad in ("0", "4", "x"):
+        assert cart.time_sync(bad) == f"error: bad count '{bad}' (want 1..3)"
+    assert len(cart.answerer.nonces) == 4
 
 
 def test_no_answer_is_three_requests_each_with_a_fresh_nonce_and_nothing_written(tcart):
@@ -242,15 +257,17 @@ BAD = [("replay", "nonce mismatch"), ("other thing", "wrong thing"), ("forged", 
 @pytest.mark.parametrize(("kind", "reason"), BAD, ids=[k for k, _ in BAD])
 def test_a_bad_answer_is_rejected_with_its_reason_and_changes_nothing(tcart, kind, reason):
     cart = tcart()
-    assert cart.agent.server_time() == cart.t  # a good exchange first: a floor, an answer to replay
+    assert cart.time_sync() == f"time ok t={cart.t}"  # a good exchange first: a floor, an answer to replay
     cart.answerer.reply = bad_answers(cart, kind)
     state = cart.state()
+    assert state.floor == cart.t
     with pytest.raises(reference.TimeFailure) as failure:
         cart.agent.server_time()
     assert str(failure.value) == f"time answer rejected: {reason}" and failure.value.rejected == reason
     said = [x for x in cart.console() if x.startswith("OTA: time ")]
     assert said[1:] == [f"OTA: time rejected: {reason}"] * 3, "each try's answer, said"
     assert len(cart.answerer.nonces) == 1 + 3
+    assert cart.time_sync("1") == f"time rejected: {reason}"
     assert cart.state() == state
 
 
@@ -391,8 +408,70 @@ def test_a_job_decides_on_the_server_time_and_the_local_clock_build_on_its_rtc(t
     rtc = dt.datetime.fromtimestamp(cart.t - 12 * 3600, dt.UTC)
     cart.hal.clock = types.SimpleNamespace(now=lambda: rtc)
     got = cart.agent._job_time()
-    assert got == (cart.t if build == "reference" else cart.t - 12 * 3600)
+    assert got == (cart.t, cart.t if build == "reference" else cart.t - 12 * 3600), "(server, verified at)"
     assert len(cart.answerer.nonces) == 1, "the exchange runs in both"
+    assert cart.state() == DeviceState(), "nothing stored before the job's verification accepts"
+
+
+def image_job(cart: TrustCart, image: bytes, target: str = "1.6.0") -> dict:
+    """The document of an update to `image` (downloaded as it is), verified by the real verifier."""
+    cart.agent._download = lambda job_id, doc: image
+    return {**ota_doc(image), "target_version": target}
+
+
+@pytest.mark.parametrize(("make", "target", "reason"), [
+    (lambda lab_pki, t: signed(lab_pki, issued=t - 2 * 86400), "1.6.0", "expired"),
+    (lambda lab_pki, t: signed(lab_pki, issued=t + 2 * 3600), "1.6.0", "not yet valid"),
+    (lambda lab_pki, t: signed(lab_pki, counter=1), "1.6.0", "security counter"),
+    (lambda lab_pki, t: signed(lab_pki, "1.7.0", counter=2), "1.6.0", "target version mismatch"),
+], ids=["expired", "not-yet-valid", "security-counter", "target-version-mismatch"])
+def test_a_rejected_image_leaves_the_device_state_as_it_was(tcart, lab, make, target, reason):
+    """The job's exchange accepted a time above the floor, but the image is refused: neither the floor
+    nor the counter is written, nor anything else."""
+    cart = tcart()
+    cart.set_state(counter=2, floor=cart.t - 3600)
+    state, before = cart.state(), cart.raw()
+    cart.agent.run_job("job-1", image_job(cart, make(lab, cart.t), target))
+    assert cart.reports == [("REJECTED", {"reason": reason})]
+    assert len(cart.answerer.nonces) == 1, "the exchange ran (a time to store)"
+    assert cart.state() == state, "a rejected image moved the device state"
+    assert cart.raw() == before and cart.hal.resets == 0
+    assert cart.events() == ["EV: time-request try=1", "EV: verify", "EV: job-report status=REJECTED"]
+
+
+def test_an_accepted_image_stores_the_floor_before_the_slot_is_erased(tcart, lab):
+    cart = tcart()
+    cart.set_state(counter=2, floor=cart.t - 3600)
+    with pytest.raises(Reset):
+        cart.agent.run_job("job-1", image_job(cart, signed(lab, counter=2)))
+    assert cart.state() == DeviceState(2, cart.t, 2, 1), "the counter kept, the floor raised to the server time"
+    ev = cart.events()
+    assert ev[:3] == ["EV: time-request try=1", "EV: verify", "EV: state-write copy=1 seq=2"], ev
+    assert ev[3].startswith("EV: erase slot=B page=0/"), ev
+    said = [re.sub(r"^(EV: .*) t=\d+$", r"\1", x) for x in cart.console()
+            if x.startswith(("OTA: verify ok", "EV: state-write"))]
+    assert said == [f"OTA: verify ok fw=1.6.0 ca={pki.ROOT_OLD}", "EV: state-write copy=1 seq=2"]
+
+
+@pytest.mark.parametrize("operation", ["ota", "trust"])
+def test_a_floor_the_part_cannot_store_fails_the_job_before_anything_is_written(tcart, lab, operation):
+    cart = tcart()
+    page = cart.layout.state_first_page  # no valid state yet: the floor goes into copy 0
+    cart.unit.faults_path.write_text(json.dumps({"erase_fail": [page]}))
+    before = cart.raw()
+    doc = image_job(cart, signed(lab)) if operation == "ota" else cart.trust_doc(cart.bundle())
+    cart.agent.run_job("job-1", doc)
+    reason = f"state write failed: erase failed: page {page}"
+    assert cart.reports == [("FAILED", {"reason": reason})]
+    assert cart.console()[-1] == f"OTA: failed job=job-1: {reason}"
+    assert cart.events()[-3:] == ["EV: verify", "EV: state-write copy=0 seq=1",
+                                  "EV: report-failed reason=state-write-failed"]
+    lay = cart.layout
+    state = slice(lay.state_offset, lay.state_offset + lay.state_size)
+    after = cart.raw()
+    assert after[:state.start] == before[:state.start] and after[state.stop:] == before[state.stop:], \
+        "written outside the device state"
+    assert cart.state() == DeviceState() and cart.hal.resets == 0
 
 
 def test_the_security_counter_rises_when_an_image_is_confirmed_and_never_falls(tcart, lab):
@@ -440,18 +519,20 @@ def test_a_ca_update_adds_the_root_and_keeps_the_old_one_through_the_overlap(tca
     assert cart.trust() == TrustStore([{**old, "until": cart.t + OVERLAP_S}, new], 1, 1)
     assert [x for x in cart.console() if x.startswith("OTA: ")][-1] == f"OTA: trust updated cas={names}"
     assert "OTA: job job-1 started trust" in cart.console()
-    ev = cart.events()
-    assert ev[-3:] == ["EV: verify", "EV: trust-write copy=1 seq=1", "EV: job-report status=SUCCEEDED"]
-    assert ev[0] == "EV: time-request try=1"
+    assert cart.events() == ["EV: time-request try=1", "EV: verify", "EV: state-write copy=0 seq=1",
+                             "EV: trust-write copy=1 seq=1", "EV: job-report status=SUCCEEDED"]
+    assert cart.state() == DeviceState(0, cart.t, 1, 0), "the accepted bundle's server time is the floor"
     # a second update, a day later, re-adding the new root with a longer overlap: into copy 0, seq 2; the
     # old root keeps its earlier end
     cart.t += 86400
     cart.agent.run_job("job-2", cart.trust_doc(cart.bundle(overlap_s=2 * OVERLAP_S)))
     assert cart.trust() == TrustStore([{**old, "until": cart.t - 86400 + OVERLAP_S}, new], 2, 0)
-    # an update with no overlap: the old root is gone at once
+    assert cart.state() == DeviceState(0, cart.t, 2, 1)
+    # an update with no overlap: the old root is gone at once (the same server time: the floor stays)
     cart.agent.run_job("job-3", cart.trust_doc(cart.bundle(overlap_s=0)))
     assert cart.trust() == TrustStore([new], 3, 1) and cart.reports[-1] == ("SUCCEEDED", {"step": "done",
                                                                                            "cas": pki.ROOT_NEW})
+    assert cart.state() == DeviceState(0, cart.t, 2, 1)
 
 
 def test_the_drop_old_ca_build_replaces_the_store_with_the_added_root(tcart, lab):
@@ -468,9 +549,10 @@ def test_the_local_clock_build_verifies_a_bundle_at_its_rtc(tcart):
         rtc = dt.datetime.fromtimestamp(cart.t - 12 * 3600, dt.UTC)
         cart.hal.clock = types.SimpleNamespace(now=lambda rtc=rtc: rtc)
         cart.agent.run_job("job-1", cart.trust_doc(cart.bundle()))
-        results[build] = cart.reports
-    assert results["reference"][0][0] == "SUCCEEDED"
-    assert results["local_clock"] == [("REJECTED", {"reason": "not yet valid"})]
+        results[build] = cart.reports, cart.state()
+    assert results["reference"][0][0][0] == "SUCCEEDED" and results["reference"][1].floor > 0
+    assert results["local_clock"] == ([("REJECTED", {"reason": "not yet valid"})], DeviceState()), \
+        "rejected at its RTC: the server time it had is not stored"
 
 
 @pytest.mark.parametrize(("defect", "reason"), [
@@ -483,7 +565,11 @@ def test_the_local_clock_build_verifies_a_bundle_at_its_rtc(tcart):
     ({"truncated": True}, "malformed: bundle not json"),
 ], ids=["missing-ca", "rogue-signer", "expired", "not-yet-valid", "not-a-ca", "too-large", "truncated"])
 def test_a_bad_ca_update_is_rejected_and_writes_nothing(tcart, lab, defect, reason):
+    """Neither the trust store nor the device state: the time the job's exchange accepted (above the
+    floor) is not stored for a bundle that is refused."""
     cart = tcart()
+    cart.set_state(counter=2, floor=cart.t - 3600)
+    state = cart.state()
     kw: dict = {}
     if "required_ca" in defect:
         kw = {"required_ca": defect["required_ca"], "add": (pki.ROGUE_ROOT,)}
@@ -505,7 +591,9 @@ def test_a_bad_ca_update_is_rejected_and_writes_nothing(tcart, lab, defect, reas
     lay = cart.layout
     trust = slice(lay.trust_offset, lay.trust_offset + lay.trust_size)
     assert cart.raw()[trust] == before[trust], "the trust store was written"
-    assert not [x for x in cart.events() if x.startswith("EV: trust-write")]
+    assert cart.state() == state, "the device state was written"
+    assert not [x for x in cart.events() if x.startswith(("EV: trust-write", "EV: state-write"))]
+    assert len(cart.answerer.nonces) == (0 if "size" in defect else 1), "the exchange ran (a time to store)"
 
 
 def pem_of(lab_pki, name: str) -> str:
@@ -517,7 +605,7 @@ def test_a_fifth_root_is_refused_as_trust_store_full(tcart, lab):
     before = cart.trust()
     cart.agent.run_job("job-1", cart.trust_doc(cart.bundle()))
     assert cart.reports == [("REJECTED", {"reason": "trust store full"})]
-    assert cart.trust() == before
+    assert cart.trust() == before and cart.state() == DeviceState()
 
 
 def test_a_trust_write_the_part_fails_keeps_the_old_store(tcart, lab):
@@ -531,6 +619,7 @@ def test_a_trust_write_the_part_fails_keeps_the_old_store(tcart, lab):
     assert cart.console()[-1] == f"OTA: failed job=job-1: {reason}"
     assert cart.events()[-1] == "EV: report-failed reason=trust-write-failed"
     assert cart.trust() == before
+    assert cart.state().floor == cart.t, "the bundle was verified: its server time was stored before the write"
     cart.unit.faults_path.write_text(json.dumps({"bitflip": [{"page": page, "offset": 20, "mask": 1}]}))
     cart.agent.run_job("job-2", cart.trust_doc(cart.bundle()))
     assert cart.reports[-1] == ("FAILED", {"reason": f"trust write failed: readback mismatch at page {page}"})
@@ -592,6 +681,67 @@ def test_a_cut_in_the_trust_store_write_leaves_the_old_store_or_the_new_one(tmp_
         path.write_bytes(path_copy)
 
 
+def firmware_state(region: bytes) -> DeviceState:
+    """What the firmware's own reader makes of the bytes of a device-state region."""
+    flash = types.SimpleNamespace(layout=types.SimpleNamespace(state_offset=0), page_size=PAGE,
+                                  read=lambda off, n: region[off:off + n])
+    got = reference.read_device_state(types.SimpleNamespace(flash=flash))
+    return DeviceState(got["counter"], got["floor"], got["seq"], got["copy"])
+
+
+@pytest.mark.parametrize("next_copy", [1, 0])
+def test_a_cut_in_the_device_state_write_leaves_the_old_state_or_the_new_one(tmp_path, monkeypatch, next_copy):
+    """Power cut while the firmware's writer programs the other copy of the device state (a floor raised, as
+    a job or `time sync` stores it), the page torn at every byte: the firmware's reader and the rack's give
+    the previous state or the new one, the new one exactly when its record made it; never the defaults, nor
+    the older record the write replaces (next_copy 0: copy 0 held seq 1, copy 1 seq 2)."""
+    cfg = config_from_mapping(fast_config())
+    path, state_path = tmp_path / "flash.bin", tmp_path / "state"
+    factory.provision_flash(path, cfg, factory.build_image("1.4.2"), factory.trust_blob([]))
+    def ev(*_args, **_detail):
+        pass
+
+    with Flash(path, cfg.flash, time_scale=1, state=StateByte(state_path)) as flash:
+        hal = InProcessHal(flash)
+        reference.update_device_state(hal, ev, lambda cur: (3, 1_700_000_000))  # copy 0, seq 1
+        if next_copy == 0:
+            reference.update_device_state(hal, ev, lambda cur: (3, 1_700_000_100))  # copy 1, seq 2
+        current = reference.read_device_state(hal)
+        calls = []
+
+        def sleep(_s):
+            calls.append(state_path.read_bytes())
+            raise PowerCut
+
+        with monkeypatch.context() as m:
+            m.setattr(time, "sleep", sleep)
+            with pytest.raises(PowerCut):
+                reference.raise_time_floor(hal, ev, 1_800_000_000)
+        layout = flash.layout
+    old = DeviceState(current["counter"], current["floor"], current["seq"], current["copy"])
+    new = DeviceState(3, 1_800_000_000, old.seq + 1, next_copy)
+    assert old.copy == 1 - next_copy and len(calls) == 1
+    opened = read_open_write(calls[0])
+    record = reference.encode_state(new.seq, new.counter, new.floor)
+    assert (opened.kind, opened.page) == (b"P", layout.state_first_page + next_copy)
+    assert opened.data == record + b"\xff" * (PAGE - len(record))
+    region0 = path.read_bytes()[layout.state_offset:layout.state_offset + layout.state_size]
+    assert read_state(region0, PAGE) == firmware_state(region0) == old, "the cut came before the page was written"
+    rng = random.Random(next_copy)
+    at = next_copy * PAGE
+    for cut in range(PAGE):
+        region = bytearray(region0)
+        region[at:at + PAGE] = torn_page(opened.data, cut, rng)
+        expected = new if cut >= len(record) else old
+        assert read_state(bytes(region), PAGE) == expected, f"the rack's reader, cut at byte {cut}"
+        assert firmware_state(bytes(region)) == expected, f"the firmware's reader, cut at byte {cut}"
+    # and once through the rack's own tear of the file
+    state_path.write_bytes(calls[0])
+    assert tear_open_write(state_path, path, PAGE, random.Random(7)) is not None
+    region = path.read_bytes()[layout.state_offset:layout.state_offset + layout.state_size]
+    assert read_state(region, PAGE) == firmware_state(region) and read_state(region, PAGE) in (old, new)
+
+
 # --- on cart processes -----------------------------------------------------------------------------------
 
 
@@ -606,7 +756,7 @@ def test_time_sync_and_state_on_the_shell(make_lab):
     assert m and abs(int(m.group(1)) - time.time()) < 5, reply
     t = int(m.group(1))
     assert [re.sub(r"^(EV: .*) t=\d+$", r"\1", x) for x in reply[:-1]] == [
-        "EV: time-request try=1", "EV: state-write copy=0 seq=1", f"OTA: time ok t={t}"]
+        "EV: time-request try=1", f"OTA: time ok t={t}", "EV: state-write copy=0 seq=1"]
     assert cart.command("state") == [f"state counter=0 floor={t} seq=1"]
     assert len(lb.time.requests(lb.thing)) == 1
 
@@ -708,7 +858,8 @@ def test_a_ca_update_on_a_cart_then_an_image_under_the_new_root(make_lab, lab):
     assert m and t + OVERLAP_S <= int(m.group(1)) <= int(time.time()) + OVERLAP_S + 5, listed
     assert cart.seen.count("CART-BL") == 1, "a CA update does not reset the cart"
     in_order(cart.lines(), [rf"OTA: job {job} started trust", r"OTA: download done .*", r"OTA: time ok t=\d+",
-                            r"EV: verify t=\d+", r"EV: trust-write copy=1 seq=1 t=\d+", r"OTA: trust updated .*"])
+                            r"EV: verify t=\d+", r"EV: state-write copy=0 seq=1 t=\d+",
+                            r"EV: trust-write copy=1 seq=1 t=\d+", r"OTA: trust updated .*"])
     new_signer = pki.signer_of(pki.ROOT_NEW)
     image = lb.sign(factory.build_image("1.6.0"), required_ca=pki.ROOT_NEW, signer_key=lab.key(new_signer),
                     chain=lab.chain(new_signer))

@@ -12,10 +12,11 @@ The OTA agent (class Agent) is the contract of docs/interfaces.md, "OTA agent of
 firmware": fleet settings from the settings region, MQTT over TLS to the broker, the AWS IoT
 Jobs MQTT API, the signed time exchange before every decision that depends on the date (a job is
 deferred, with back-off, while no valid time answer comes), download over HTTP with Range resume
-(only from the image hosts the fleet settings list), verification at the server's time, the inactive
-slot erased and written page by page and read back, the trial boot reported before it is marked good,
-rollbacks reported, CA updates written into the trust store's other copy. Before each step a power cut
-can be aimed at it prints an event line `EV: <name>[ <key>=<value> ...] t=<time.monotonic_ns()>`.
+(only from the image hosts the fleet settings list), verification at the server's time (stored as the
+time floor only once the verification accepts), the inactive slot erased and written page by page and
+read back, the trial boot reported before it is marked good, rollbacks reported, CA updates written
+into the trust store's other copy. Before each step a power cut can be aimed at it prints an event
+line `EV: <name>[ <key>=<value> ...] t=<time.monotonic_ns()>`.
 
 Device state (docs/flash-layout.md): the security counter (raised when an image is confirmed, never
 lowered) and the time floor (the latest server time accepted) live in two copies of their own region;
@@ -334,8 +335,8 @@ class Firmware:
 
     def time_sync(self, tries):
         """One time exchange, as an update runs it (`time sync N`: N requests, 1..TIME_TRIES, default
-        all): the time accepted (and stored as the floor), the last answer's reason if every answer
-        was rejected, or no answer at all."""
+        all): the time accepted, stored as the floor at once (an explicit sync: nothing else to wait
+        for), the last answer's reason if every answer was rejected, or no answer at all."""
         if not tries.isdigit() or not 1 <= int(tries) <= TIME_TRIES:
             self.say(f"error: bad count '{tries}' (want 1..{TIME_TRIES})")
             return
@@ -344,6 +345,7 @@ class Firmware:
             return
         try:
             t = self.agent.server_time(int(tries))
+            raise_time_floor(self.hal, self.ev, t)
         except TimeFailure as failure:
             self.say(f"time rejected: {failure.rejected}" if failure.rejected else "time unreachable")
         except StateWriteFailed as exc:
@@ -984,9 +986,9 @@ class Agent:
     def server_time(self, tries=TIME_TRIES):
         """The server's time, from a signed answer to a fresh nonce: up to `tries` requests, each
         waiting TIME_TIMEOUT_S. A rejected answer is said and the wait goes on (an attacker's answer
-        must not stop the real one). An accepted time above the floor is stored as the new floor
-        before it is returned. TimeFailure when no valid answer came; StateWriteFailed when the
-        floor could not be stored."""
+        must not stop the real one). TimeFailure when no valid answer came. The time is returned, not
+        stored: its caller stores it as the floor once it has decided on it (`time sync` at once, a job
+        only when its verification accepts), so a job that is rejected leaves the device state as it was."""
         with self._time_lock:
             inbox = queue.Queue()
             with self._cond:
@@ -1016,7 +1018,6 @@ class Agent:
                     break
                 verdict = self._check_time(payload, nonce)
                 if verdict.ok:
-                    raise_time_floor(self.hal, self.ev, verdict.time)
                     self.say(f"OTA: time ok t={verdict.time}")
                     return verdict.time
                 rejected = clean_text(verdict.reason, 200)
@@ -1034,17 +1035,24 @@ class Agent:
             floor=read_device_state(self.hal)["floor"], max_ahead_s=TIME_MAX_AHEAD_S)
 
     def _job_time(self):
-        """The server time a job decides on; JobDeferred without one (JobEnd FAILED if it could not be
-        stored). The local_clock fault build then decides on its RTC all the same."""
+        """(server, now): the server time of a job's exchange and the time it verifies at, the same
+        but in the local_clock fault build, which verifies at its RTC all the same. JobDeferred without
+        a valid server time. Nothing is stored yet (`_store_floor`, once the job's verification accepts)."""
         try:
-            now = self.server_time()
+            server = self.server_time()
         except TimeFailure as failure:
             raise JobDeferred(str(failure)) from None
+        if FAULTS.get("local_clock"):
+            return server, int(self.hal.clock.now().timestamp())
+        return server, server
+
+    def _store_floor(self, server):
+        """The job's verification accepted: its server time becomes the floor (if above it), before the
+        job writes anything else. JobEnd FAILED if the part fails."""
+        try:
+            raise_time_floor(self.hal, self.ev, server)
         except StateWriteFailed as exc:
             raise JobEnd("FAILED", f"state write failed: {exc}") from None
-        if FAULTS.get("local_clock"):
-            return int(self.hal.clock.now().timestamp())
-        return now
 
     # --- deferred jobs -----------------------------------------------------------------------------
 
@@ -1293,7 +1301,7 @@ class Agent:
         if size > hal.flash.slot_size:
             raise JobEnd("REJECTED", f"image too large: {size} > slot {hal.flash.slot_size}")
         self.say(f"OTA: job {job_id} started target={version}")
-        now = self._job_time()  # before anything is fetched: no valid time, no download
+        server, now = self._job_time()  # before anything is fetched: no valid time, no download
         self.state = "downloading"
         self._progress(job_id, "download", "0%")
         image = self._download(job_id, doc)
@@ -1306,6 +1314,7 @@ class Agent:
         if verdict.manifest["firmware_version"] != version:
             raise JobEnd("REJECTED", "target version mismatch")
         self.say(f"OTA: verify ok fw={version} ca={verdict.ca}")
+        self._store_floor(server)
         self.state = "writing"
         self._progress(job_id, "write", "0%")
         slot = self._write(image)
@@ -1335,15 +1344,15 @@ class Agent:
             running_version=FW_VERSION, now=now, security_counter=counter, ca_until=until)
 
     def _trust_job(self, job_id, doc):
-        """A CA update: download the bundle, get the server time, verify the bundle at it, write the new
-        trust store into the other copy, report SUCCEEDED. No reset."""
+        """A CA update: download the bundle, get the server time, verify the bundle at it, store the time
+        as the floor, write the new trust store into the other copy, report SUCCEEDED. No reset."""
         if doc["size"] > load_verifier().BUNDLE_MAX:  # not fetched at all: no bundle is that large
             raise JobEnd("REJECTED", "malformed: bundle too large")
         self.say(f"OTA: job {job_id} started trust")
         self.state = "downloading"
         self._progress(job_id, "download", "0%")
         bundle = self._download(job_id, doc)
-        now = self._job_time()
+        server, now = self._job_time()
         self.state = "verifying"
         self._progress(job_id, "verify", "0%")
         store, _ = read_trust_store(self.hal)
@@ -1356,6 +1365,7 @@ class Agent:
         room = TRUST_COPY_PAGES * self.hal.flash.page_size
         if len(cas) > TRUST_MAX_CAS or len(encode_trust_copy(cas, 0xFFFFFFFF)) > room:
             raise JobEnd("REJECTED", "trust store full")
+        self._store_floor(server)
         self.state = "writing"
         self._progress(job_id, "write", "0%")
         try:
