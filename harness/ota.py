@@ -64,7 +64,7 @@ if TYPE_CHECKING:
     from cryptography import x509
     from cryptography.hazmat.primitives.asymmetric import ec
 
-    from harness.cart import Cart, SlotStatus
+    from harness.cart import Cart, DeviceState, SlotStatus
     from harness.config import Rig
     from harness.console import Line
 
@@ -411,6 +411,8 @@ class UpdateOutcome:
     history: list[dict] = field(default_factory=list)
     console: str = ""
     acknowledged: bool = False  # a test that meant to produce "succeeded-but-rolled-back" said so
+    state_before: DeviceState | None = None  # security counter and time floor, where the family reports them
+    state_after: DeviceState | None = None
 
     @property
     def hidden_rollback(self) -> bool:
@@ -434,9 +436,17 @@ class UpdateOutcome:
         hist = " -> ".join(self.statuses) or "(no status change)"
         return (f"{self.cart}: job {self.job_id} to {self.target_version}: {self.outcome} (status {self.status}, "
                 f"details {self.details})\n  statuses: {hist}\n  before: {self.before.brief()}\n"
-                f"  after:  {self.after.brief()}\n  boots during the update: {self.boots or 'none'}\n"
+                f"  after:  {self.after.brief()}\n" + self._state_brief()
+                + f"  boots during the update: {self.boots or 'none'}\n"
                 f"  {ROLLBACK_METRIC} +{self.rollback_metric:g}\n  console:\n"
                 + "\n".join(f"    | {x}" for x in self.console.splitlines()[-25:]))
+
+    def _state_brief(self) -> str:
+        b, a = self.state_before, self.state_after
+        if b is None:
+            return ""
+        return (f"  device state: counter {b.counter} -> {a.counter if a else '?'}, "
+                f"floor {b.floor} -> {a.floor if a else '?'}\n")
 
     def _fail(self, what: str) -> None:
         raise OtaError(f"{what}\n{self.describe()}")
@@ -503,10 +513,14 @@ class UpdateOutcome:
                        f"{held[:16] + '…' if held else 'none (no readable image header)'} as stored, "
                        f"{self.sent_sha256[:16]}… sent")
 
-    @_checked("rejected for {0!r}: nothing written, boot control unchanged, no reboot, no rollback counted")
+    @_checked("rejected for {0!r}: nothing written (slots, boot control, device state), no reboot, no rollback "
+              "counted")
     def expect_rejected(self, reason: str) -> UpdateOutcome:
-        """REJECTED for exactly `reason` (a trailing '*' matches a prefix), nothing written, no reboot."""
-        return self._ended_without_trying("rejected", reason)
+        """REJECTED for exactly `reason` (a trailing '*' matches a prefix), nothing written — not even the
+        time floor or the security counter: a rejected image decides nothing — no reboot."""
+        self._ended_without_trying("rejected", reason)
+        self._state_unchanged(why="although the update was rejected")
+        return self
 
     @_checked("failed for {0!r}: nothing written, boot control unchanged, no reboot, no rollback counted")
     def expect_failed(self, reason: str) -> UpdateOutcome:
@@ -543,10 +557,12 @@ class UpdateOutcome:
         if not reason_matches(self.reason, reason):
             self._fail(f"{outcome} for {self.reason!r}, expected {reason!r}")
 
-    @_checked("deferred for {0!r}: IN_PROGRESS (step deferred), nothing written, boot control unchanged, no reboot")
+    @_checked("deferred for {0!r}: IN_PROGRESS (step deferred), nothing written, boot control and device state "
+              "unchanged, no reboot")
     def expect_deferred(self, reason: str) -> UpdateOutcome:
         """The agent deferred the job for exactly `reason` ('*' as above; no usable time answer): still
-        IN_PROGRESS with statusDetails step "deferred", its console line, nothing written, no reboot."""
+        IN_PROGRESS with statusDetails step "deferred", its console line, nothing written, no reboot, and the
+        device state (security counter, time floor) as it was: a job without a time it accepted decides nothing."""
         if self.outcome != "deferred":
             self._fail(f"expected the update to be deferred ({reason}), got {self.outcome}")
         if self.status != "IN_PROGRESS" or self.details.get("step") != "deferred":
@@ -557,7 +573,16 @@ class UpdateOutcome:
         if not any(text.endswith(said) for _, text in self.events.get("ota_deferred", [])):
             self._fail(f"no console line saying the agent deferred {said!r}")
         self._unchanged()
+        self._state_unchanged(why="although the job was deferred")
         return self
+
+    def _state_unchanged(self, why: str) -> None:
+        """The device state (security counter, time floor) as it was before the job, where the cart's
+        firmware family reports it (`state_before` is None otherwise)."""
+        b, a = self.state_before, self.state_after
+        if b is not None and a != b:
+            self._fail(f"the device state changed {why}: counter {b.counter} -> {a.counter if a else '?'}, "
+                       f"time floor {b.floor} -> {a.floor if a else '?'}")
 
     @_checked("rolled back by the bootloader, previous version running, counted once for the target version")
     def expect_rolled_back(self, *, succeeded_first: bool = False) -> UpdateOutcome:
@@ -593,6 +618,12 @@ def reason_matches(got: str, want: str) -> bool:
     return got.startswith(want[:-1]) if want.endswith("*") else got == want
 
 
+def device_state(cart: Cart) -> DeviceState | None:
+    """The cart's security counter and time floor, where its firmware family reports them (its profile's
+    `device_state` command); None where it does not."""
+    return cart.device_state() if "device_state" in cart.profile.commands else None
+
+
 def _fields(line: str) -> dict[str, str]:
     """The key=value words of a console line (a banner's slot, fw, mode)."""
     return dict(w.split("=", 1) for w in line.split() if "=" in w)
@@ -606,6 +637,10 @@ class UpdateRun:
              "ota_download_done", "ota_download_resumed", "ota_url_expired", "ota_verify_ok", "ota_write_done",
              "ota_armed", "ota_rejected", "ota_failed", "ota_trial_reported", "ota_connected", "ota_time_ok",
              "ota_time_rejected", "ota_deferred", "ota_trust_updated", "security_counter")
+    # the device state (security counter, time floor) before the job and after it, where the cart's firmware
+    # family reports it (`Cart.device_state`); None otherwise
+    state_before: DeviceState | None = None
+    state_after: DeviceState | None = None
 
     def __init__(self, fleet: Fleet, cart: Cart, image: bytes | None, *, target_version: str,
                  document: Mapping[str, Any] | None = None, url_ttl_s: float | None = None, label: str = "update"):
@@ -650,6 +685,7 @@ class UpdateRun:
     def _capture_before(self) -> None:
         self.before = self.cart.slot_status()
         self.hashes_before = self.cart.slot_hashes()
+        self.state_before = device_state(self.cart)
         attach("slot status before", self.before.brief())
 
     def _template(self) -> dict[str, Any]:
@@ -846,6 +882,7 @@ class UpdateRun:
             try:
                 after = self.cart.slot_status()
                 digests = self.cart.slot_digests()
+                self.state_after = device_state(self.cart)
             except (CartError, ConsoleError) as exc:
                 self._raise_if_cause()  # a crash loop, a silent cart: that is the news, not the unanswered query
                 raise OtaError(f"{self.cart.id}: cannot read its state after the job {self.job_id}: "
@@ -868,7 +905,7 @@ class UpdateRun:
             hashes_after=hashes_after, boots=[text for _, text in self.events.get("banner", [])],
             rollback_metric=metric, events=self.events, timings=self._timings(t_end), history=history,
             console=cart.console.slice_text(self.console_start), images_after=self.images_after,
-            sent_sha256=self.sent_sha256, **extra)
+            sent_sha256=self.sent_sha256, state_before=self.state_before, state_after=self.state_after, **extra)
         self.result = result
         if self.on_result is not None:
             self.on_result(result)
@@ -961,7 +998,7 @@ class TrustOutcome(UpdateOutcome):
         self._unchanged(why="by a CA update")
         return self
 
-    @_checked("CA update rejected for {0!r}: trust store unchanged, slots unchanged, no reboot")
+    @_checked("CA update rejected for {0!r}: trust store, slots and device state unchanged, no reboot")
     def expect_rejected(self, reason: str) -> TrustOutcome:
         """REJECTED for exactly `reason` ('*' matches a prefix), the trust store entry for entry as it was
         (names, certificates, ends of overlap), slots and boot control unchanged, no reboot."""
@@ -969,6 +1006,7 @@ class TrustOutcome(UpdateOutcome):
         if self.trust_after != self.trust_before:
             self._fail(f"{self.cart}: the trust store changed although the CA update was rejected")
         self._unchanged(why="although the CA update was rejected")
+        self._state_unchanged(why="although the CA update was rejected")
         return self
 
 

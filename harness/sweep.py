@@ -25,7 +25,9 @@ update to a new version Vk+1 is started, the cut fires, the power stays off for 
   5. ``firmware_rollback_count`` for the target version rose once per bootloader rollback line since
      the cut, and so did the boot control's own rollback count; the boot count only moved on
      (a boot control record that went back to defaults loses it: the cut destroyed boot control);
-  6. no brick at any step.
+  6. the device state's security counter and time floor did not go down (a torn write must leave the
+     other copy, never an older or an erased state: a lower counter lets a vulnerable release back in);
+  7. no brick at any step.
 
 Each point continues from where the previous one left the cart (always on its newest version,
 confirmed), so no downgrade or recovery is needed between points.
@@ -54,7 +56,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from harness.ota import ONLINE_METRIC, TERMINAL, OtaError, attach, bump, step
+from harness.ota import ONLINE_METRIC, TERMINAL, OtaError, attach, bump, device_state, step
 
 MODES = ("quick", "reduced", "full")
 REDUCED_EVERY = 5          # the reduced sweep: every 5th event, all redundant-store writes, 2 random cuts
@@ -218,6 +220,8 @@ class Observation:
     old_slot: str
     boots_before: int | None = None
     rollbacks_before: int | None = None
+    counter_before: int | None = None       # the device state before the point (None: the family has none)
+    floor_before: int | None = None
     cut_error: str | None = None            # the cut did not fire, or not cleanly
     cut_after: str = ""                     # the last event line seen before the cut ("-" if none)
     brick: str | None = None                # no bootable image / no banner, with the evidence line
@@ -230,6 +234,8 @@ class Observation:
     running_slot: str | None = None
     running_mode: str | None = None
     status: dict[str, Any] = field(default_factory=dict)   # slot status at the end (SlotStatus fields)
+    counter_after: int | None = None        # the device state at the end
+    floor_after: int | None = None
     old_slot_hash_before: str | None = None
     old_slot_hash_after: str | None = None
     new_trial_seen: bool = False            # a trial boot of the new version since the cut
@@ -267,6 +273,9 @@ def check_point(o: Observation) -> str | None:
     if o.boots_before is not None and st.get("boots") is not None and st["boots"] <= o.boots_before:
         return (f"boot control lost: the boot count went from {o.boots_before} to {st['boots']} "
                 f"(the record went back to defaults)")
+    went_back = state_went_back(o)
+    if went_back:
+        return f"device state went back: {went_back}"
     happened = rollbacks_happened(o)
     if happened < 0 or happened > o.rollback_lines:
         return (f"boot control's rollback count went {o.rollbacks_before} -> {st.get('rollbacks')} with "
@@ -281,6 +290,15 @@ def check_point(o: Observation) -> str | None:
         return f"slot {o.old_slot}, which runs the old {o.old}, was written"
     if o.converge_error:
         return f"delivering again did not converge: {o.converge_error}"
+    return None
+
+
+def state_went_back(o: Observation) -> str | None:
+    """The device state's value that went down across the point ("counter 4 -> 3"), or None."""
+    for name, before, after in (("counter", o.counter_before, o.counter_after),
+                                ("time floor", o.floor_before, o.floor_after)):
+        if before is not None and after is not None and after < before:
+            return f"{name} {before} -> {after}"
     return None
 
 
@@ -600,9 +618,12 @@ class PowerCutSweep:
         hashes = cart.slot_hashes()
         old = cart.version()
         new = bump(old, patch=1)
+        state = device_state(cart)
         image = self._image(new, image_faults)
         obs = Observation(old=old, new=new, old_slot=before.booted, boots_before=before.boots,
                           rollbacks_before=before.rollbacks, old_slot_hash_before=hashes.get(before.booted))
+        if state is not None:
+            obs.counter_before, obs.floor_before = state.counter, state.floor
         self._tele_mark = fleet.telemetry.mark()
         start = cart.console.mark()
         watch = _Watch(cart)
@@ -692,6 +713,9 @@ class PowerCutSweep:
                 obs.running_mode = "normal"
             st = cart.slot_status()
             obs.status = asdict(st)
+            state = device_state(cart)
+            if state is not None:
+                obs.counter_after, obs.floor_after = state.counter, state.floor
             obs.old_slot_hash_after = cart.slot_hashes().get(obs.old_slot)
             obs.new_trial_seen = any(m["version"] == obs.new and m["mode"] == "trial"
                                      for _, _, m in watch.items("banner"))

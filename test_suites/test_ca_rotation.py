@@ -127,8 +127,10 @@ BAD_BUNDLES = [
 
 @pytest.mark.parametrize(("defect", "reason"), BAD_BUNDLES)
 def test_bad_ca_bundle_is_rejected_and_the_store_is_untouched(cart, ota, defect, reason):
+    """Rejected for its reason, the trust store entry for entry as it was, and the device state too: the
+    server time the job's exchange accepted is not stored as the floor for a bundle the cart refused."""
     cart.power_on()
-    ota.deliver_trust(ota.trust_bundle([NEW], **defect)).expect_rejected(reason)
+    ota.deliver_trust(ota.trust_bundle([NEW], **defect)).expect_rejected(reason)  # + the device state as it was
 
 
 @pytest.mark.hil_self_check("drop_old_ca")

@@ -14,9 +14,11 @@ from urllib.parse import parse_qs, urlparse
 
 import pytest
 
+from harness.cut import cut_on_console
 from harness.fleet import ImageHost
 from harness.negatives import IMAGE_DEFECTS, lower
 from harness.ota import DELETE, OtaError, bump
+from harness.sweep import name_pattern
 
 OTHER_HOST = "127.0.0.2"  # another loopback address: Linux routes all of 127/8 to this machine
 
@@ -223,6 +225,55 @@ def test_a_rejected_or_rolled_back_image_never_raises_the_security_counter(cart,
     ota.update(ota.image(target, security_counter=counter + 5, faults={"self_test_fail": True})).expect_rolled_back()
     ota.update(ota.image(target, security_counter=counter + 5, hardware=["rev-z"])).expect_rejected("wrong hardware")
     assert cart.device_state().counter == counter, f"{cart.id}: the counter moved without a confirmed image"
+
+
+def test_security_counter_survives_a_cut_in_its_write(cart, ota, fleet, factory_reset):
+    """The counter is raised right after mark-good, in a device-state write of its own (two copies). Power lost
+    at that write must leave the old counter or the new one, never a lower one or the region's defaults; the
+    confirmed normal boot that follows repairs it to the new one (docs/interfaces.md, "Security counter"), and
+    the cart runs the new release, confirmed. The time floor meanwhile only rose, to at most the time answered."""
+    running = cart.power_on().version
+    before = cart.device_state()
+    raised = before.counter + 1
+    target = bump(running, patch=1)
+    run = ota.start(ota.image(target, security_counter=raised))
+    try:
+        _, banner = run.wait_event("banner", run.budget, what=f"the trial boot of {target}")
+        assert "mode=trial" in banner and f"fw={target}" in banner, f"{cart.id}: not the trial boot: {banner}"
+        # armed once the trial boot is up: its first device-state write is the counter's, after mark-good
+        cut = cut_on_console(cart.power, cart.console, name_pattern(cart.pattern("event").pattern, "state-write"))
+        try:
+            cut.wait(run.budget)
+        finally:
+            cut.disarm()
+    finally:
+        run.close()
+    trial = [ln.text for ln in cart.console.lines(run.console_start, cut.event_index)]
+    trial = trial[max(i for i, text in enumerate(trial) if cart.pattern("banner").search(text)):]
+    steps = [m["name"] for m in map(cart.pattern("event").search, trial) if m]
+    assert "mark-good" in steps, (f"{cart.id}: the cut landed at {cut.event!r}, not at the counter's write after "
+                                  f"mark-good (the trial boot's events before it: {steps})")
+    time.sleep(cart.off_time)  # physics: the rail falls, the capacitors drain
+    boot = cart.console.mark()
+    banner = cart.power_on()
+    after = cart.device_state()
+    repaired = any(cart.pattern("security_counter").search(ln.text) for ln in cart.console.lines(boot))
+    print(f"{cart.id}: cut at {cut.event!r}; the next boot {'repaired' if repaired else 'found'} counter {raised}")
+    answered = max(a.time or 0 for a in fleet.time.answers(cart.id))  # the job's time: the floor goes no further
+    assert after.counter in (before.counter, raised) and before.floor <= after.floor <= answered, (
+        f"{cart.id}: after a cut at the write raising the security counter {before.counter} -> {raised} the device "
+        f"state reads counter {after.counter}, time floor {after.floor} (was {before.floor}, the service answered "
+        f"{answered}): neither the old state nor the new one")
+    assert (banner.version, banner.mode) == (target, "normal"), (
+        f"{cart.id}: mark-good was written before the cut, yet the cart booted {banner.line!r}")
+    status = cart.slot_status()
+    assert (status.active, status.pending, status.confirmed) == (banner.slot, None, True), status.brief()
+    assert status.rollbacks == run.before.rollbacks, f"{cart.id}: rolled back after the cut: {status.brief()}"
+    assert fleet.jobs.execution(run.job_id, cart.id)["status"] == "SUCCEEDED"
+    assert after.counter == raised, (f"{cart.id}: security counter {after.counter} after a confirmed normal boot "
+                                     f"of {target}, whose manifest carries {raised}: the boot did not repair it")
+    cart.power_cycle()
+    assert cart.device_state().counter == raised, f"{cart.id}: the repaired counter did not hold across a boot"
 
 
 @pytest.mark.hil_self_check("ignore_security_counter")

@@ -552,3 +552,24 @@ def test_a_slot_status_without_the_counts_fails_rather_than_skipping_the_check()
     with pytest.raises(CartError, match=r"^cart-x: slot status: no boots or rollbacks count in 'slot active=A "
                                         r"booted=A pending=- tries=0 confirmed=yes': an update's checks compare"):
         cart.slot_status()
+
+
+def test_a_job_that_decided_nothing_leaves_the_device_state_as_it_was():
+    """Rejected (image or CA bundle) or deferred: the security counter and the time floor as before the job.
+    A family that does not report a device state (state_before None) is not judged on it."""
+    from harness.cart import DeviceState
+
+    was = DeviceState(counter=3, floor=1_800_000_000)
+    same, floor_moved = DeviceState(counter=3, floor=1_800_000_000), DeviceState(counter=3, floor=1_800_000_100)
+    _outcome(state_before=was, state_after=same).expect_rejected("unsigned")
+    _outcome().expect_rejected("unsigned")
+    with pytest.raises(OtaError, match="device state changed although the update was rejected: counter 3 -> 3, "
+                                       "time floor 1800000000 -> 1800000100"):
+        _outcome(state_before=was, state_after=floor_moved).expect_rejected("unsigned")
+    with pytest.raises(OtaError, match="device state changed although the job was deferred"):
+        _deferred(state_before=was, state_after=floor_moved).expect_deferred("time service unreachable")
+    rejected = dict(status="REJECTED", outcome="rejected", details={"reason": "not a ca"}, events={},
+                    trust_after=_trust().trust_before)
+    _trust(**rejected, state_before=was, state_after=same).expect_rejected("not a ca")
+    with pytest.raises(OtaError, match="device state changed although the CA update was rejected"):
+        _trust(**rejected, state_before=was, state_after=floor_moved).expect_rejected("not a ca")

@@ -120,7 +120,8 @@ def ok(**kw) -> Observation:
                        running="1.4.3", running_slot="B", running_mode="normal", new_trial_seen=True,
                        status={"active": "B", "booted": "B", "pending": None, "confirmed": True, "boots": 13,
                                "rollbacks": 2, "slots": {"A": {"fw": "1.4.2"}, "B": {"fw": "1.4.3"}}},
-                       old_slot_hash_before="aa", old_slot_hash_after="aa")
+                       old_slot_hash_before="aa", old_slot_hash_after="aa", counter_before=4,
+                       floor_before=1_790_000_000, counter_after=4, floor_after=1_790_000_042)
     return replace(base, **kw)
 
 
@@ -139,6 +140,9 @@ def test_a_safe_point_passes():
     ({"new_trial_seen": False, "first_version": "1.4.3", "first_slot": "B"}, "without ever passing a trial"),
     ({"status": {"booted": "B", "confirmed": True, "boots": 1, "rollbacks": 0, "slots": {"B": {"fw": "1.4.3"}}}},
      "boot control lost: the boot count went from 10 to 1"),
+    ({"counter_after": 3}, "device state went back: counter 4 -> 3"),
+    ({"counter_after": 0, "floor_after": 0}, "device state went back: counter 4 -> 0"),
+    ({"floor_after": 1_789_999_999}, "device state went back: time floor 1790000000 -> 1789999999"),
     ({"rollback_metric": 1}, "rose by 1 for 0 rollback"),
     ({"running": "1.4.2", "running_slot": "A", "status": {"booted": "A", "confirmed": True, "boots": 12,
                                                           "rollbacks": 2, "slots": {"A": {"fw": "1.4.2"}}}},
@@ -150,6 +154,15 @@ def test_a_safe_point_passes():
 ])
 def test_each_broken_invariant_is_named(change, says):
     assert says in (check_point(ok(**change)) or ""), check_point(ok(**change))
+
+
+def test_the_device_state_may_stay_or_move_on_across_a_cut_but_never_go_back():
+    """A cut inside a device-state write leaves the other copy: the counter and floor as they were, or the new
+    ones; a raised counter (a confirmed image carrying a higher one) is fine; a family without a device state
+    (nothing read) is not judged on it."""
+    assert check_point(ok(floor_after=1_790_000_000)) is None
+    assert check_point(ok(counter_after=5)) is None
+    assert check_point(ok(counter_before=None, floor_before=None, counter_after=None, floor_after=None)) is None
 
 
 def test_rollbacks_counted_once_including_one_whose_write_was_cut():
