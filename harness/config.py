@@ -262,8 +262,9 @@ def _zone_offsets(name: str) -> set[float]:
 
 
 class ClockSpec(_Strict):
-    """How far the cart's RTC is off true UTC as deployed (seconds, + ahead): the cart fixture sets the
-    RTC so once per session. Updates must not depend on it: the device asks the time service."""
+    """How far the cart's RTC is off true UTC as deployed (seconds, + ahead): the plugin sets the RTC so
+    before the cart's first test of a session (drift 0 included). Updates must not depend on it: the device
+    asks the time service."""
 
     drift_s: float = 0.0
 

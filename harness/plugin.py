@@ -419,12 +419,6 @@ def cart(request: pytest.FixtureRequest, bench):
         pytest.skip(f"not run: {c.id} was quarantined during {c.quarantined_in or 'an earlier test'}: "
                     f"{c.quarantine_reason}")
     c.test = request.node.nodeid
-    if c.id not in _DRIFTED:  # the configuration's RTC error, as deployed, once per session
-        _DRIFTED.add(c.id)
-        if c.config.clock.drift_s:
-            c.power_on()
-            c.apply_drift()
-            c.power_off()
     start = c.console.mark()
     request.node.stash[CART_KEY] = (c, start)
     yield c
@@ -438,6 +432,22 @@ def cart(request: pytest.FixtureRequest, bench):
 
 CART_KEY = pytest.StashKey[tuple]()
 _DRIFTED: set[str] = set()  # carts whose clock this process has set to their configured drift
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_call(item: pytest.Item) -> None:
+    """The configuration's RTC error, as deployed (`clock.drift_s`), set on each cart once per session before
+    the first test body that has the cart: a drift of 0 too, since a clock an earlier run left skewed must not
+    stay so. After the test's fixtures, so one that skips the test (a rig that cannot inject flash faults)
+    leaves the cart untouched; a cart that cannot boot fails the test that first needs it."""
+    got = item.stash.get(CART_KEY, None)
+    if got is None or got[0].id in _DRIFTED:
+        return
+    c = got[0]
+    _DRIFTED.add(c.id)
+    c.power_on()
+    c.apply_drift()
+    c.power_off()
 
 
 @pytest.fixture(scope="session")

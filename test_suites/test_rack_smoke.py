@@ -6,6 +6,7 @@ reaches into the virtual rack: the same tests run on a physical rig.
 
 from __future__ import annotations
 
+import datetime as dt
 import hashlib
 import re
 
@@ -14,6 +15,7 @@ import pytest
 from harness.recovery import recover_factory
 
 VERSION = re.compile(r"^\d+\.\d+\.\d+$")
+CLOCK_TOLERANCE_S = 5.0  # the RTC against this machine's clock: whole seconds, a console round trip
 
 
 def test_power_cycle_shows_banner(cart):
@@ -41,6 +43,16 @@ def test_supply_identity(cart, record_property):
     assert idn.model == cart.slot.supply.model, f"{cart.slot.supply.name} answers {idn.raw!r}"
     assert idn.manufacturer and idn.serial, idn.raw
     record_property("supply_idn", f"{cart.slot.supply.name}:{cart.slot.channel} {idn.raw}")  # for verdict.json
+
+
+def test_clock_is_where_the_configuration_says(cart):
+    """The RTC reads true UTC plus the configuration's `clock.drift_s` (the cart fixture sets it so, a drift
+    of 0 too): a clock some earlier test or run left elsewhere would change what every later test finds."""
+    cart.power_on()
+    drift = cart.config.clock.drift_s
+    off = (cart.clock() - dt.datetime.now(dt.UTC)).total_seconds() - drift
+    assert abs(off) <= CLOCK_TOLERANCE_S, (
+        f"{cart.id}: the RTC is {off:+.0f} s from where its configuration puts it (UTC {drift:+g} s)")
 
 
 def test_current_with_output_on_and_off(cart):

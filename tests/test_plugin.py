@@ -65,7 +65,7 @@ def test_quick_{i}(cart):
 
 
 def test_broken_cart_fails_with_console_tail_and_others_go_on(pytester, rig_factory):
-    # cart-03: a cart without a configured clock drift, so its first use is the test's own power-on
+    # cart-03's first use is the power-on that sets its clock to its configured drift, before the test body
     rig_path = rig_factory(["cart-01", "cart-03"])
     rig = Rig.load(rig_path)
     geo = rig.slot_for("cart-03").cart.flash
@@ -85,6 +85,30 @@ def test_broken_cart_fails_with_console_tail_and_others_go_on(pytester, rig_fact
     recs = _results(pytester)
     assert {r["outcome"] for r in recs if r["cart"] == "cart-01"} == {"passed"}
     assert rack_state(rig) is None
+
+
+CLOCK_SUITE = """
+import datetime as dt
+
+def test_clock(cart):
+    cart.power_on()
+    off = (cart.clock() - dt.datetime.now(dt.UTC)).total_seconds() - cart.config.clock.drift_s
+    assert abs(off) <= 5, f"{cart.id}: RTC {off:+.0f} s off its configured drift"
+"""
+
+
+def test_a_clock_left_skewed_is_put_back_even_at_a_configured_drift_of_zero(pytester, rig_factory):
+    """An earlier run left cart-03's battery-backed RTC a day ahead; its configuration has no drift (0): the
+    plugin sets it to UTC all the same before the first test on it, as it sets cart-02's to its 95 s."""
+    rig_path = rig_factory(["cart-03", "cart-02"])
+    run_dir = pytester.path / "reports" / "runs" / "skewed-clock"
+    rtc = run_dir / "rack" / "rtc"  # the run's private rack: the RTC offset files (docs/interfaces.md)
+    rtc.mkdir(parents=True)
+    for slot in ("slot01", "slot02"):
+        (rtc / slot).write_text("86400.0\n")
+    pytester.makepyfile(test_scenario=CLOCK_SUITE)
+    res = run(pytester, "--rig", str(rig_path), "--hil-run-dir", str(run_dir), "-v")
+    res.assert_outcomes(passed=2)
 
 
 def test_bad_rig_is_one_line_and_nothing_starts(pytester, rig_factory):
