@@ -245,19 +245,7 @@ def _conclude(a: argparse.Namespace, rig: Rig, slots, out: Path, v: dict, run: P
     """After the tests: the gate's own checks, the verdict, the matrix, the HTML report and the verdict line."""
     from harness import report
 
-    also = []
-    if checks:
-        print("self-check of the gate (each seeded fault build must be caught, for its own reason):")
-        lines = report.self_check_lines(v)
-        for line in lines:
-            print(f"  {line}")
-        if not lines:
-            print("  (no self-check ran)")
-            also.append("no self-check ran")
-    if a.cmd == "gate" and not getattr(a, "self_check", False) and v.get("status") == "finished" \
-            and not _gate_preflight(rig, slots, out, a):
-        also.append("rollout preflight: some configuration no signed release reaches (preflight.json)")
-    v = report.finalize(out, v, also=also)
+    v = _gate_verdict(a, rig, slots, out, v, checks)
     print()
     print(report.Matrix(v).text())
     bad = report.failing_lines(v)
@@ -273,6 +261,37 @@ def _conclude(a: argparse.Namespace, rig: Rig, slots, out: Path, v: dict, run: P
         print(f"hil {a.cmd}: {v['why']}")
     print(f"hil {a.cmd}: {v['verdict']} ({len(slots)} carts on {rig.name}; {report.summary(v)}); reports in {out}")
     return 0 if v["verdict"] == "PASS" else run.status or 1
+
+
+def _gate_verdict(a: argparse.Namespace, rig: Rig, slots, out: Path, v: dict, checks: bool) -> dict:
+    """The gate's own checks after the tests — the self-check's lines, the rollout preflight of the candidate
+    (a finished gate's, not the self-check's) — then the verdict, judged and written: verdict.json carries the
+    preflight and the checks that failed, one line each."""
+    from harness import report
+
+    also = []
+    if checks:
+        print("self-check of the gate (each seeded fault build must be caught, for its own reason):")
+        lines = report.self_check_lines(v)
+        for line in lines:
+            print(f"  {line}")
+        if not lines:
+            print("  (no self-check ran)")
+            also.append("no self-check ran")
+    if a.cmd == "gate" and not getattr(a, "self_check", False) and v.get("status") == "finished":
+        from harness.ota import FirmwareBuildError
+        from harness.pki import PkiError
+
+        try:
+            preflight = _gate_preflight(rig, slots, out, a)
+        except (ConfigError, FirmwareBuildError, PkiError) as exc:  # no candidate to check, or nothing to sign with
+            said = (str(exc).splitlines() or [""])[0]
+            preflight = {"ok": False, "cause": f"rollout preflight: could not run: {said}"}
+            print(preflight["cause"])
+        v = dict(v, preflight=preflight)
+        if not preflight["ok"]:
+            also.append(preflight["cause"])
+    return report.finalize(out, v, also=also)
 
 
 @dataclasses.dataclass
@@ -336,13 +355,17 @@ def _outputs_off(rig: Rig, slots) -> None:
                   f"{(str(exc).splitlines() or [''])[0]}", file=sys.stderr)
 
 
-def _gate_preflight(rig: Rig, slots, out: Path, a: argparse.Namespace) -> bool:
-    """The rollout preflight of the candidate the gate tested, signed under each root the selected carts
-    were provisioned with: which configurations each signing reaches (`preflight.json`). False if some
+def _gate_preflight(rig: Rig, slots, out: Path, a: argparse.Namespace) -> dict:
+    """The rollout preflight of the candidate the gate tested, signed under each root the lab releases under
+    (harness.pki.TRUSTED_ROOTS — not under whatever root a cart holds: a cart provisioned only with a root no
+    release is signed under is what this is for), against the selected configurations as provisioned.
+    Printed, and returned as verdict.json's `preflight` (also `preflight.json`): per root the configurations
+    that signing reaches and those it refuses, with why; `ok` false, and `cause` one line, when some
     configuration no signing reaches (no release could ever update it: the CA-rotation deadlock)."""
     import json
 
     from harness import candidate as hc
+    from harness import pki as hpki
     from harness.ota import FirmwareBuilds, Signer, open_lab_pki, release_hardware
     from harness.rollout import configurations_of, rollout_plan
 
@@ -352,23 +375,27 @@ def _gate_preflight(rig: Rig, slots, out: Path, a: argparse.Namespace) -> bool:
     else:
         field = [v for s in slots for v in s.cart.firmware.versions_in_field]
         cand = hc.from_build(FirmwareBuilds(rig, out / "preflight"), a.build or hc.default_version(field))
-    version, unsigned = cand.version, cand.unsigned
     signer = Signer(open_lab_pki(rig))
-    roots = sorted({ca for c in configs for ca in c.cas})
-    images = {root: signer.sign(unsigned, hardware=release_hardware(rig), ca=root) for root in roots}
+    images = {root: signer.sign(cand.unsigned, hardware=release_hardware(rig), ca=root)
+              for root in hpki.TRUSTED_ROOTS}
     verdicts, unreachable = rollout_plan(images, configs)
-    print(f"rollout preflight of {version}, signed under each root the carts have:")
+    print(f"rollout preflight of {cand.version}, signed under each root the lab releases under:")
     for root, v in verdicts.items():
         for line in v.lines():
             print(f"  {root}: {line}")
+    entry: dict = {"version": cand.version, "ok": not unreachable, "unreachable": unreachable, "roots": {
+        root: {"reaches": [c.id for c in configs if c.id not in {r.configuration for r in v.refused}],
+               "refuses": {r.configuration: list(r.lacks) for r in v.refused}}
+        for root, v in verdicts.items()}}
     if unreachable:
-        print(f"  REFUSED: no signed release reaches {', '.join(unreachable)}")
-    (out / "preflight.json").write_text(json.dumps({
-        "version": version, "unreachable": unreachable,
-        "by_root": {root: {"ok": v.ok, "configurations": v.configurations,
-                           "refused": {r.configuration: list(r.lacks) for r in v.refused}}
-                    for root, v in verdicts.items()}}, indent=2))
-    return not unreachable
+        stranded = ", ".join(f"{c.id} (trusts {', '.join(c.cas)})" for c in configs if c.id in unreachable)
+        entry["cause"] = (f"rollout preflight: no release of {cand.version} signed under "
+                          f"{' or '.join(verdicts)} reaches {stranded}")
+        print(f"  {entry['cause']}")
+    else:
+        print(f"  OK: each of the {len(configs)} configurations is reached by one of these signings")
+    (out / "preflight.json").write_text(json.dumps(entry, indent=2))
+    return entry
 
 
 def cmd_test(a: argparse.Namespace) -> int:

@@ -24,6 +24,10 @@ What tests may add to their record (``record_property(name, value)``), read when
     not_run         str  "<check>: <why>": a check this rig cannot run (listed, never dropped)
 
 (``cart`` and ``fault_build`` are recorded by harness.plugin, ``caught`` by the ``self_check`` fixture.)
+
+What `hil gate` adds when it judges the finished run (`finalize`): ``preflight``, the rollout preflight of
+the candidate (harness.cli), and ``checks_failed``, the gate's own checks after the tests that failed, one
+line each (the preflight's among them); a check that failed makes the verdict FAIL.
 """
 
 from __future__ import annotations
@@ -500,11 +504,13 @@ def self_check_lines(v: dict) -> list[str]:
 
 
 def failing_lines(v: dict, limit: int = 20) -> list[str]:
-    """The cases that did not pass, worst first, one line each: symbol, configuration, scenario, cause."""
+    """The gate's own checks that failed, then the cases that did not pass, worst first, one line each:
+    symbol, configuration (`gate` for a check), scenario, cause."""
     bad = [r for r in v.get("results", []) if r["outcome"] not in ("passed", "not-run")]
     bad.sort(key=lambda r: OUTCOMES.index(r["outcome"]))
-    lines = [abbreviate(f"{SYMBOL[r['outcome']]} {r['configuration']:9s} {short(r['scenario'])}: "
-                        f"{r.get('cause', r['outcome'])}", 180) for r in bad[:limit]]
+    lines = [f"{SYMBOL['failed']} {'gate':9s} {line}" for line in v.get("checks_failed", [])]
+    lines += [abbreviate(f"{SYMBOL[r['outcome']]} {r['configuration']:9s} {short(r['scenario'])}: "
+                         f"{r.get('cause', r['outcome'])}", 180) for r in bad[:limit]]
     if len(bad) > limit:
         lines.append(f"… and {len(bad) - limit} more (verdict.json)")
     return lines
@@ -645,11 +651,14 @@ class Matrix:
 def finalize(run_dir: Path, v: dict, *, signal: str | None = None, also: Sequence[str] = (),
              extra: dict | None = None) -> dict:
     """The verdict, judged once the run is over (with the signal that interrupted it and the gate's own
-    failed checks), into verdict.json and matrix.svg; the matrix and the verdict go to the Allure results
-    as global attachments (and a verdict other than PASS as a global error)."""
+    failed checks, one line each: verdict.json's `checks_failed`), into verdict.json and matrix.svg; the matrix
+    and the verdict go to the Allure results as global attachments (and a verdict other than PASS as a global
+    error)."""
     v = dict(v, **(extra or {}))
     if signal:
         v["signal"] = signal
+    if also:
+        v["checks_failed"] = list(also)
     v["verdict"], v["why"] = judge(v, also)
     write_atomic(run_dir / VERDICT, dump(v))
     svg = Matrix(v).svg()

@@ -1,7 +1,8 @@
 """The gate's verdict is earned: it judges the run's record (harness.report, verdict.json), in which a teardown
 error is part of its test, a run that ran nothing or skipped a scenario is no PASS (issue: `hil gate --tag <none>`
-used to skip everything and print PASS), and a run ended by Ctrl-C or SIGTERM says which test it cut short,
-leaves the supply outputs off and stops its rack."""
+used to skip everything and print PASS), a run ended by Ctrl-C or SIGTERM says which test it cut short,
+leaves the supply outputs off and stops its rack, and the rollout preflight of the candidate is part of the
+verdict (a configuration no signed release reaches fails the gate, named)."""
 
 from __future__ import annotations
 
@@ -17,8 +18,10 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import pytest
+import yaml
 
-from harness import cli, report
+from harness import cli, pki, report
+from harness.config import Rig
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -240,3 +243,87 @@ def test_a_candidate_no_cart_could_take_is_refused_before_anything_runs(capsys, 
     bad.write_bytes(b"not an image")
     assert cli.main(["gate", "--firmware", str(bad)]) == 2
     assert capsys.readouterr().err.startswith(f"hil: {bad}: not a firmware image: ")
+
+
+# ---------------------------------------------------------------- the rollout preflight in the verdict
+
+
+def _lab_rig(tmp_path: Path, configs: Path = ROOT / "configs", **changes) -> Rig:
+    """rigs/virtual.yaml (all ten carts) moved under tmp_path: its lab PKI, builds and run dir land there."""
+    data = yaml.safe_load((ROOT / "rigs" / "virtual.yaml").read_text())
+    data.update(configs=str(configs), **changes)
+    path = tmp_path / "rigs" / "virtual.yaml"
+    path.parent.mkdir()
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return Rig.load(path)
+
+
+def _gate_checks(rig: Rig, out: Path, failed: str | None = None) -> dict:
+    """The gate's checks after a finished run of the default candidate on every cart (one scenario each, passed,
+    or failed on `failed`): the verdict they write."""
+    slots = rig.select()
+    scenario = "test_suites/test_release.py::test_candidate_from_field"
+    results = [{"configuration": s.cart_id, "scenario": scenario, "test": f"{scenario}[{s.cart_id}]",
+                "outcome": "failed" if s.cart_id == failed else "passed"}
+               | ({"cause": f"{failed}: rejected for 'missing ca'"} if s.cart_id == failed else {}) for s in slots]
+    v = {"run_id": out.name, "status": "finished", "configurations": [{"id": s.cart_id} for s in slots],
+         "results": results}
+    a = argparse.Namespace(cmd="gate", self_check=False, firmware=None, build=None)
+    out.mkdir()
+    return cli._gate_verdict(a, rig, slots, out, v, checks=False)
+
+
+def test_the_preflight_of_a_candidate_every_configuration_can_take_is_in_the_verdict(tmp_path):
+    """The repo's ten configurations: the default candidate signed under lab-root-2025 reaches the carts holding
+    it, under lab-root-2026 the others; every configuration is reached by some signing: PASS, the entry says so."""
+    out = tmp_path / "gate-run"
+    v = _gate_checks(_lab_rig(tmp_path), out)
+    assert (v["verdict"], "checks_failed" in v) == ("PASS", False), v["why"]
+    old, new = (f"lacks CA {pki.ROOT_OLD} (has {pki.ROOT_NEW})", f"lacks CA {pki.ROOT_NEW} (has {pki.ROOT_OLD})")
+    assert v["preflight"] == {"version": "1.6.0", "ok": True, "unreachable": [], "roots": {
+        pki.ROOT_OLD: {"reaches": [f"cart-0{i}" for i in range(1, 8)] + ["cart-09"],
+                       "refuses": {"cart-08": [old], "cart-10": [old]}},
+        pki.ROOT_NEW: {"reaches": [f"cart-0{i}" for i in range(6, 10)] + ["cart-10"],
+                       "refuses": {f"cart-0{i}": [new] for i in range(1, 6)}}}}
+    assert report.load(out)["preflight"] == v["preflight"] == json.loads((out / "preflight.json").read_text())
+    assert report.load(out)["verdict"] == "PASS"
+
+
+def test_a_configuration_no_signed_release_reaches_fails_the_gate_naming_it(tmp_path):
+    """cart-03 provisioned only with rogue-root: no release the lab signs reaches it (the CA-rotation deadlock).
+    The gate FAILs with one line naming it, in verdict.json's why and checks_failed — and still in checks_failed
+    when a test failed too (the why then names the test)."""
+    configs = tmp_path / "configs"
+    shutil.copytree(ROOT / "configs", configs)
+    cart = configs / "carts" / "cart-03.yaml"
+    text = cart.read_text()
+    assert f"provisioned_cas: [{pki.ROOT_OLD}]" in text
+    cart.write_text(text.replace(f"provisioned_cas: [{pki.ROOT_OLD}]", f"provisioned_cas: [{pki.ROGUE_ROOT}]"))
+    rig = _lab_rig(tmp_path, configs)
+    cause = (f"rollout preflight: no release of 1.6.0 signed under {pki.ROOT_OLD} or {pki.ROOT_NEW} reaches "
+             f"cart-03 (trusts {pki.ROGUE_ROOT})")
+
+    v = _gate_checks(rig, tmp_path / "gate-run")
+    assert (v["verdict"], v["why"], v["checks_failed"]) == ("FAIL", cause, [cause])
+    pre = v["preflight"]
+    assert (pre["ok"], pre["unreachable"], pre["cause"]) == (False, ["cart-03"], cause)
+    for root in (pki.ROOT_OLD, pki.ROOT_NEW):
+        assert pre["roots"][root]["refuses"]["cart-03"] == [f"lacks CA {root} (has {pki.ROGUE_ROOT})"]
+        assert "cart-03" not in pre["roots"][root]["reaches"]
+    on_disk = report.load(tmp_path / "gate-run")
+    assert (on_disk["verdict"], on_disk["checks_failed"], on_disk["preflight"]) == ("FAIL", [cause], pre)
+    assert report.failing_lines(on_disk) == [f"F gate      {cause}"]
+
+    v = _gate_checks(rig, tmp_path / "gate-run-2", failed="cart-05")
+    assert v["verdict"] == "FAIL" and v["why"].startswith("1 failed: cart-05 release::candidate_from_field: ")
+    assert report.load(tmp_path / "gate-run-2")["checks_failed"] == [cause]
+
+
+def test_a_preflight_that_cannot_run_fails_the_gate_in_one_line(tmp_path):
+    """No candidate to check (the rig cannot build the default one): the verdict is no PASS, and says why."""
+    rig = _lab_rig(tmp_path, firmware=None)
+    v = _gate_checks(rig, tmp_path / "gate-run")
+    cause = (f"rollout preflight: could not run: {rig.path}: no 'firmware' section: the rig does not say how images "
+             "are built")
+    assert (v["verdict"], v["why"], v["preflight"]) == ("FAIL", cause, {"ok": False, "cause": cause})
+    assert report.load(tmp_path / "gate-run")["checks_failed"] == [cause]
