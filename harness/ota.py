@@ -479,7 +479,8 @@ class UpdateOutcome:
             self._fail(f"job SUCCEEDED but {self.cart} rolled back from {self.target_version}: the release would "
                        f"have looked good in the jobs console while the fleet went back")
         if self.outcome != "confirmed":
-            self._fail(f"expected the update to be confirmed, got {self.outcome}")
+            why = f" for {self.reason!r}" if self.reason else ""
+            self._fail(f"expected the update to be confirmed, got {self.outcome}{why}")
         a, b = self.after, self.before
         new_slot = "B" if b.booted == "A" else "A"
         if (a.active, a.booted, a.pending, a.confirmed) != (new_slot, new_slot, None, True):
@@ -553,7 +554,8 @@ class UpdateOutcome:
 
     def _ended_as(self, outcome: str, reason: str) -> None:
         if self.outcome != outcome:
-            self._fail(f"expected the update to be {outcome} ({reason}), got {self.outcome}")
+            why = f" for {self.reason!r}" if self.reason else ""
+            self._fail(f"expected the update to be {outcome} ({reason}), got {self.outcome}{why}")
         if not reason_matches(self.reason, reason):
             self._fail(f"{outcome} for {self.reason!r}, expected {reason!r}")
 
