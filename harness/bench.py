@@ -307,9 +307,10 @@ def cut_latency(cart, rig: Rig, count: int, *, flood: bool = False, nth: int = 2
     return {"cart": cart.id, "supply": f"{supply} ({cart.slot.supply.dialect}) ch{cart.slot.channel}",
             "event": f"bench line #{nth} (flood)" if flood else f"event line #{nth_event} after the banner",
             "events_cut": events, "paths": sorted(paths),
+            # the target is for a device's events; a flood is a stress figure beside it, the count over 1 ms kept
             "device_event_to_supply_rx": _stats_us(device_to_rx)
-            | {"target_median_us": CUT_TARGET_MEDIAN_US, "target_p99_us": CUT_TARGET_P99_US,
-               "over_target_p99": sum(x * 1e6 > CUT_TARGET_P99_US for x in device_to_rx),
+            | ({} if flood else {"target_median_us": CUT_TARGET_MEDIAN_US, "target_p99_us": CUT_TARGET_P99_US})
+            | {"over_target_p99": sum(x * 1e6 > CUT_TARGET_P99_US for x in device_to_rx),
                "samples_us": [round(x * 1e6, 1) for x in device_to_rx]},
             "device_to_line_seen": _stats_us(device_to_seen), "line_seen_to_supply_rx": _stats_us(seen_to_rx),
             "line_seen_to_off_sent": _stats_us(seen_to_sent),
@@ -432,9 +433,11 @@ def _print_cut(c: dict) -> None:
     e = c["device_event_to_supply_rx"]
     print(f"cut latency, {c['event']}: device event -> supply received OFF  (n={e['n']}, {c['cart']} on "
           f"{c['supply']}, sent via {'/'.join(c['paths'])}, events cut: {c['events_cut']})")
+    over = f"{e['over_target_p99']} of {e['n']} over {CUT_TARGET_P99_US:.0f} us"
+    target = (f"target median <= {e['target_median_us']:.0f} us, p99 <= {e['target_p99_us']:.0f} us; {over}"
+              if "target_p99_us" in e else f"a stress figure, not a device event: {over}")
     print(f"  {'end to end (outside the harness)':32s} median {e['median_us']:8.1f} us   p99 {e['p99_us']:8.1f} us"
-          f"   max {e['max_us']:8.1f} us   (target median <= {e['target_median_us']:.0f} us, "
-          f"p99 <= {e['target_p99_us']:.0f} us; {e['over_target_p99']} of {e['n']} over {e['target_p99_us']:.0f} us)")
+          f"   max {e['max_us']:8.1f} us   ({target})")
     for key, label in (("device_to_line_seen", "device -> console line seen"),
                        ("line_seen_to_supply_rx", "line seen -> supply RX (the cut)"),
                        ("line_seen_to_off_sent", "line seen -> send() returned"),
