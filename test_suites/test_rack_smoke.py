@@ -46,8 +46,9 @@ def test_supply_identity(cart, record_property):
 
 
 def test_clock_is_where_the_configuration_says(cart):
-    """The RTC reads true UTC plus the configuration's `clock.drift_s` (the cart fixture sets it so, a drift
-    of 0 too): a clock some earlier test or run left elsewhere would change what every later test finds."""
+    """The RTC reads true UTC plus the configuration's `clock.drift_s` (the plugin sets it so before the cart's
+    first test, a drift of 0 too): a clock some earlier test or run left elsewhere would change what every later
+    test finds."""
     cart.power_on()
     drift = cart.config.clock.drift_s
     off = (cart.clock() - dt.datetime.now(dt.UTC)).total_seconds() - drift
